@@ -1,0 +1,243 @@
+"""fdm_fast.ops: the fused per-element work of FDM training and sampling (DESIGN.md 2.1).
+
+Every op takes the raw UNet output / clean data and a preconditioning, computes the coefficients
+``c_skip, c_out, c_in, lambda`` in-kernel from the per-sample ``sigma``, and, where noise is needed,
+regenerates it from ``(seed, offset)`` under the noise contract (or reads an explicit ``noise``).
+
+    from fdm_fast import ops
+    net_in = ops.perturb(y, sigma, "fdm_edm", seed=step)                 # c_in * (y + sigma n)
+    F = unet(net_in, c_noise)
+    loss = ops.denoise_loss(F, y, sigma, "fdm_edm", seed=step, clamp=c)  # backward: one pass
+
+Backends (``backend=``, or ``$FDM_FAST_BACKEND``): ``torch`` (reference, any device), ``triton``
+(CUDA; CPU only under ``TRITON_INTERPRET=1``), ``cuda`` and ``cpu`` (compiled ``fdm_fast._C``).
+``available_backends()`` lists what this machine has.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..schedules import Precond
+from . import _validate as V
+from . import reference
+from ._backends import BACKENDS, available_backends, select, triton_module, unavailable_reason
+from ._validate import set_value_checks
+
+__all__ = ["perturb", "denoise_loss", "churn", "euler_step", "heun_step", "randn", "available_backends",
+           "select_backend", "set_value_checks", "BACKENDS"]
+
+
+def select_backend(device="cpu", backend: Optional[str] = None) -> str:
+    """The backend an op on ``device`` would run on (after ``backend=`` and the environment)."""
+    return select(torch.device(device), backend)
+
+
+def _spec(p: Precond):
+    kind, fdm, params = p.kernel_spec()
+    return kind, fdm, list(params)
+
+
+def _noise_arg(noise, like, like_name, backend, fmt):
+    if noise is None:
+        return None
+    V.tensor("noise", noise, dtypes=V.net_dtypes(backend), like=like, like_name=like_name)
+    return V.same_layout(noise, fmt)
+
+
+def _ext_call(backend: str, name: str, *args):
+    from ._backends import extension
+    ext, _ = extension()
+    return getattr(ext, name)(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def perturb(y: torch.Tensor, sigma, precond, *, seed=0, offset=0, noise: Optional[torch.Tensor] = None,
+            out_dtype: Optional[torch.dtype] = None, return_x: bool = False, backend: Optional[str] = None):
+    """The UNet's training input ``c_in(sigma) * (y + sigma * n)`` in one pass.
+
+    y: clean data [B, ...] (fp32/bf16/fp16); sigma: float or per-sample [B]; precond: name or Precond.
+    n comes from the noise contract at (seed, offset) unless ``noise`` is given; use the same
+    seed/offset in ``denoise_loss``. Returns net_in (dtype ``out_dtype``, default y's; layout y's), or
+    (net_in, x) with the float32 noisy sample x = y + sigma n when ``return_x``.
+    """
+    p = V.precond(precond)
+    V.tensor("y", y)
+    be = select(y.device, backend)
+    V.tensor("y", y, dtypes=V.net_dtypes(be))
+    fmt = V.layout_of(y)
+    B = y.shape[0]
+    s = V.sigma("sigma", sigma, B, y.device, dtype=torch.float64 if be == "torch" and y.dtype == torch.float64
+                else torch.float32)
+    rng = V.rng(seed, offset, B, y.device)
+    noise = _noise_arg(noise, y, "y", be, fmt)
+    od = V.out_dtype("out_dtype", out_dtype if out_dtype is not None else y.dtype, be)
+    if be == "torch":
+        net_in, x = reference.perturb(y, s, p, rng, noise, od, return_x)
+    elif be == "triton":
+        net_in, x = triton_module("perturb").perturb(y, s, rng, noise, *_spec(p), od, return_x)
+    else:
+        net_in, x = _ext_call(be, "perturb", y, s, rng, noise, *_spec(p), od, return_x)
+    return (net_in, x) if return_x else net_in
+
+
+def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, offset=0,
+                 noise: Optional[torch.Tensor] = None, clamp=None, reduction: str = "mean",
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """EDM's weighted denoising loss from the raw UNet output, with a one-pass fused backward.
+
+    Per sample: ``min(lambda(sigma), clamp) * sum_j (D_j - y_j)^2`` with ``D = c_skip x + c_out F`` and
+    ``x = y + sigma n`` (n regenerated from (seed, offset), as in ``perturb``). ``reduction``: ``"mean"``
+    over the batch (EDM's ``loss.sum() / batch``), ``"sum"``, or ``"none"`` ([B], float32). ``clamp`` is the
+    FDM warm-up cap (``schedules.warmup_clamp``; a float or a one-element tensor), None for none.
+    Differentiable with respect to F only.
+    """
+    p = V.precond(precond)
+    V.tensor("F", F)
+    be = select(F.device, backend)
+    V.tensor("F", F, dtypes=V.net_dtypes(be))
+    V.tensor("y", y, dtypes=V.net_dtypes(be), like=F, like_name="F")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    fmt = V.layout_of(F)
+    y = V.same_layout(y, fmt)
+    B = F.shape[0]
+    sdt = torch.float64 if be == "torch" and torch.float64 in (F.dtype, y.dtype) else torch.float32
+    s = V.sigma("sigma", sigma, B, F.device, dtype=sdt)
+    rng = V.rng(seed, offset, B, F.device)
+    noise = _noise_arg(noise, F, "F", be, fmt)
+    c = V.clamp(clamp, F.device, dtype=sdt)
+    if be == "torch":
+        per_sample = reference.denoise_loss(F, y, s, p, rng, noise, c)
+    elif be == "triton":
+        per_sample = triton_module("loss").loss_fwd(F, y, s, rng, noise, c, *_spec(p))
+    else:
+        per_sample = _ext_call(be, "denoise_loss", F, y, s, rng, noise, c, *_spec(p))
+    if reduction == "mean":
+        return per_sample.mean()
+    return per_sample.sum() if reduction == "sum" else per_sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling (EDM Heun / Euler, DESIGN 1.3).
+
+
+def _state(name, t, be, like=None, like_name=""):
+    return V.tensor(name, t, dtypes=V.state_dtypes(be), like=like, like_name=like_name)
+
+
+def _t_dtype(be, *ts):
+    return torch.float64 if be == "torch" and any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def churn(x: torch.Tensor, t_cur, t_hat, precond, *, seed=0, offset=0, noise: Optional[torch.Tensor] = None,
+          S_noise: float = 1.0, net_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+    """Stochastic churn: ``x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise n``; returns (x_hat, c_in(t_hat) x_hat).
+
+    With ``t_hat == t_cur`` it only forms the net input. x is float32 sampler state.
+    """
+    p = V.precond(precond)
+    V.tensor("x", x)
+    be = select(x.device, backend)
+    _state("x", x, be)
+    B, tdt = x.shape[0], _t_dtype(be, x)
+    tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
+    th = V.sigma("t_hat", t_hat, B, x.device, dtype=tdt)
+    if V._checking(tc) and bool((th < tc).any()):
+        raise ValueError("t_hat: expected t_hat >= t_cur for every sample (churn only adds noise)")
+    _scalar("S_noise", S_noise)
+    rng = V.rng(seed, offset, B, x.device)
+    noise = _noise_arg(noise, x, "x", be, V.layout_of(x))
+    nd = V.out_dtype("net_dtype", net_dtype, be)
+    if be == "torch":
+        return reference.churn(x, tc, th, p, rng, noise, S_noise, nd)
+    if be == "triton":
+        return triton_module("sampler").churn(x, tc, th, rng, noise, float(S_noise), *_spec(p), nd)
+    return _ext_call(be, "churn", x, tc, th, rng, noise, float(S_noise), *_spec(p), nd)
+
+
+def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur, t_next, precond, *,
+               net_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+    """One Euler step from the raw UNet output F at (x, t_cur) to t_next (t_next may be 0).
+
+    Returns (x_next, d, net_in) with d = (x - D) / t_cur the slope (kept for Heun's correction)
+    and net_in = c_in(t_next) * x_next, the next network input.
+    """
+    p = V.precond(precond)
+    V.tensor("x", x)
+    be = select(x.device, backend)
+    _state("x", x, be)
+    V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    F = V.same_layout(F, V.layout_of(x))
+    B, tdt = x.shape[0], _t_dtype(be, x, F)
+    tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
+    tn = V.sigma("t_next", t_next, B, x.device, dtype=tdt, allow_zero=True)
+    nd = V.out_dtype("net_dtype", net_dtype, be)
+    if be == "torch":
+        return reference.euler_step(x, F, tc, tn, p, nd)
+    if be == "triton":
+        return triton_module("sampler").euler_step(x, F, tc, tn, *_spec(p), nd)
+    return _ext_call(be, "euler_step", x, F, tc, tn, *_spec(p), nd)
+
+
+def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, precond, *, t_hat_next=None,
+              seed=0, offset=0, noise: Optional[torch.Tensor] = None, S_noise: float = 1.0,
+              net_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+    """Heun's second-order correction of the step t_cur -> t_next (t_next > 0).
+
+    x and d are the step's start and Euler slope (from ``euler_step``), F the UNet output at the
+    Euler point. With ``t_hat_next`` the next step's churn is fused in. Returns (x_next, net_in).
+    """
+    p = V.precond(precond)
+    V.tensor("x", x)
+    be = select(x.device, backend)
+    _state("x", x, be)
+    _state("d", d, be, like=x, like_name="x")
+    V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    fmt = V.layout_of(x)
+    d, F = V.same_layout(d, fmt), V.same_layout(F, fmt)
+    B, tdt = x.shape[0], _t_dtype(be, x, d, F)
+    tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
+    tn = V.sigma("t_next", t_next, B, x.device, dtype=tdt)
+    th = None
+    if t_hat_next is not None:
+        th = V.sigma("t_hat_next", t_hat_next, B, x.device, dtype=tdt)
+        if V._checking(tn) and bool((th < tn).any()):
+            raise ValueError("t_hat_next: expected t_hat_next >= t_next for every sample")
+    _scalar("S_noise", S_noise)
+    rng = V.rng(seed, offset, B, x.device)
+    noise = _noise_arg(noise, x, "x", be, fmt)
+    nd = V.out_dtype("net_dtype", net_dtype, be)
+    if be == "torch":
+        return reference.heun_step(x, d, F, tc, tn, p, th, rng, noise, S_noise, nd)
+    if be == "triton":
+        return triton_module("sampler").heun_step(x, d, F, tc, tn, th, rng, noise, float(S_noise), *_spec(p), nd)
+    return _ext_call(be, "heun_step", x, d, F, tc, tn, th, rng, noise, float(S_noise), *_spec(p), nd)
+
+
+def randn(shape: Sequence[int], *, seed=0, offset=0, device="cpu", backend: Optional[str] = None) -> torch.Tensor:
+    """float32 normals of the noise contract: the noise every op draws for the same (seed, offset).
+
+    ``seed`` may be a per-sample int64 tensor [shape[0]]; each sample is then numbered from 0.
+    """
+    shape = [int(s) for s in shape]
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected a non-empty shape of positive sizes, got {shape}")
+    device = torch.device(device)
+    be = select(device, backend)
+    rng = V.rng(seed, offset, shape[0], device)
+    if be == "torch":
+        return reference.randn(shape, rng, device)
+    if be == "triton":
+        return triton_module("perturb").randn(shape, rng)
+    return _ext_call(be, "randn", shape, rng)
+
+
+def _scalar(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v != v or v == float("inf"):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")

@@ -1,0 +1,110 @@
+"""Which backends exist on this machine, and which one an op call runs on (DESIGN 2.1).
+
+Default: CUDA tensor -> triton, else cuda, else torch; CPU tensor -> cpu, else torch. The
+``backend=`` argument of every op, then the ``FDM_FAST_BACKEND`` environment variable, override the
+default. Asking for a backend that is not available is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+ENV_VAR = "FDM_FAST_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_modules():
+    """(perturb, loss, sampler) Triton modules, or the reason they cannot be loaded."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return None, f"Triton is not importable ({type(e).__name__}: {e})"
+    try:
+        mods = tuple(importlib.import_module(f"fdm_fast.ops.{m}") for m in ("triton_perturb", "triton_loss",
+                                                                             "triton_sampler"))
+    except Exception as e:
+        return None, f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+    return mods, ""
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> tuple[Optional[ModuleType], str]:
+    """The compiled extension ``fdm_fast._C`` and the reason when it is missing."""
+    try:
+        return importlib.import_module("fdm_fast._C"), ""
+    except Exception as e:
+        return None, (f"the compiled extension fdm_fast._C is not built ({type(e).__name__}: {e}); "
+                      "build it with `pip install .` on a machine with a C++ compiler")
+
+
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> str:
+    """Empty when ``backend`` can run on ``device`` (any device when None), else why not."""
+    if backend == "torch":
+        return ""
+    if backend == "triton":
+        mods, why = _triton_modules()
+        if mods is None:
+            return why
+        if device is None:
+            return "" if torch.cuda.is_available() or _interpreter() else "no CUDA device and TRITON_INTERPRET is not set"
+        if device.type == "cuda":
+            return ""
+        if device.type == "cpu":
+            return "" if _interpreter() else "Triton runs CPU tensors only under TRITON_INTERPRET=1 (the interpreter)"
+        return f"Triton does not run on {device.type} tensors"
+    if backend in ("cuda", "cpu"):
+        ext, why = extension()
+        if ext is None:
+            return why
+        has = getattr(ext, "has_cuda" if backend == "cuda" else "has_cpu", lambda: False)()
+        if not has:
+            return f"fdm_fast._C was built without its {backend} kernels"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        if device is not None and device.type != backend:
+            return f"the {backend} backend runs {backend} tensors, got a {device.type} tensor"
+        return ""
+    return f"unknown backend (expected one of {', '.join(BACKENDS)})"
+
+
+def available_backends(device=None) -> list[str]:
+    """The backends that can run on ``device`` (a device or its name; any device when None)."""
+    device = torch.device(device) if device is not None else None
+    return [b for b in BACKENDS if not unavailable_reason(b, device)]
+
+
+def select(device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend an op on ``device`` runs on: explicit > $FDM_FAST_BACKEND > default order."""
+    asked, source = backend, "backend"
+    if asked is None and os.environ.get(ENV_VAR):
+        asked, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    if asked is not None:
+        if not isinstance(asked, str) or asked not in BACKENDS:
+            raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {asked!r}")
+        why = unavailable_reason(asked, device)
+        if why:
+            raise ValueError(f"{source}={asked!r} is not available for {device.type} tensors: {why}")
+        return asked
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for b in order:
+        if not unavailable_reason(b, device):
+            return b
+    return "torch"
+
+
+def triton_module(name: str) -> ModuleType:
+    mods, why = _triton_modules()
+    if mods is None:
+        raise RuntimeError(why)
+    return dict(zip(("perturb", "loss", "sampler"), mods))[name]

@@ -1,0 +1,161 @@
+"""Argument checks for the public ops: one place, messages that name the argument.
+
+Shape, dtype and device checks are free and always run. Value checks (sigma finite and positive)
+read the tensor, which on a GPU means a device sync: they run on CPU tensors always, on CUDA tensors
+unless disabled with ``fdm_fast.ops.set_value_checks(False)`` or ``FDM_FAST_VALUE_CHECKS=0``, and
+never while ``torch.compile`` traces or a CUDA graph captures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import torch
+
+from ..schedules import Precond, get_precond
+
+NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_value_checks = os.environ.get("FDM_FAST_VALUE_CHECKS", "1") not in ("0", "")
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-dependent checks on CUDA tensors on or off (CPU tensors are always checked)."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def tensor(name: str, t, *, dtypes=None, like: Optional[torch.Tensor] = None, like_name: str = "") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(_dtype_name(d) for d in dtypes)}, "
+                        f"got {_dtype_name(t.dtype)}")
+    if t.dim() < 1 or t.shape[0] < 1:
+        raise ValueError(f"{name}: expected a batch of at least one sample (dim 0), got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name}: expected shape {tuple(like.shape)} (the shape of {like_name}), "
+                             f"got {tuple(t.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {t.device}")
+    return t
+
+
+def net_dtypes(backend: str):
+    """Net-facing dtypes a backend accepts; the torch reference also runs float64 (the tests' spec)."""
+    return NET_DTYPES + (torch.float64,) if backend == "torch" else NET_DTYPES
+
+
+def state_dtypes(backend: str):
+    return (torch.float32, torch.float64) if backend == "torch" else (torch.float32,)
+
+
+def out_dtype(name: str, dt, backend: str) -> torch.dtype:
+    if not isinstance(dt, torch.dtype) or dt not in net_dtypes(backend):
+        raise TypeError(f"{name}: expected {' or '.join(_dtype_name(d) for d in net_dtypes(backend))}, got {dt!r}")
+    return dt
+
+
+def _checking(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cpu":
+        return True
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return _value_checks
+
+
+def sigma(name: str, v, B: int, device: torch.device, *, dtype=torch.float32, allow_zero=False) -> torch.Tensor:
+    """A per-sample noise level as a contiguous [B] tensor; float, [], [1] or [B] (or [B,1,..]) accepted."""
+    what = "a finite number >= 0" if allow_zero else "a finite number > 0"
+    if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
+        raise TypeError(f"{name}: expected a float or a tensor of per-sample values, got {type(v).__name__}")
+    if not isinstance(v, torch.Tensor):
+        if not (math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
+            raise ValueError(f"{name}: expected {what}, got {v}")
+        return torch.full((B,), float(v), dtype=dtype, device=device)
+    if not v.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {_dtype_name(v.dtype)}")
+    if v.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {v.device}")
+    if v.numel() not in (1, B) or (v.dim() > 1 and v.shape[0] != v.numel() and v.numel() != 1):
+        raise ValueError(f"{name}: expected one value or one per sample ({B}), got shape {tuple(v.shape)}")
+    if _checking(v):
+        bad = ~torch.isfinite(v) | ((v < 0) if allow_zero else (v <= 0))
+        if bool(bad.any()):
+            raise ValueError(f"{name}: expected {what} per sample, got {v.flatten()[bad.flatten()][0].item()} "
+                             f"at index {int(bad.flatten().nonzero()[0])}")
+    v = v.reshape(-1).to(dtype)
+    return (v.expand(B) if v.numel() == 1 else v).contiguous()
+
+
+def precond(p) -> Precond:
+    if isinstance(p, Precond):
+        return p
+    if isinstance(p, str):
+        return get_precond(p)
+    raise TypeError(f"precond: expected a preconditioning name or a schedules.Precond, got {type(p).__name__}")
+
+
+def rng(seed, offset, B: int, device: torch.device) -> torch.Tensor:
+    """(seed, offset) rows as an int64 tensor: [1, 2] for one int seed, [B, 2] for per-sample seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)):
+        raise TypeError(f"seed: expected an int or an int64 tensor of per-sample seeds, got {type(seed).__name__}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, torch.Tensor)):
+        raise TypeError(f"offset: expected an int or an int64 tensor, got {type(offset).__name__}")
+    if isinstance(offset, int) and not 0 <= offset < 2**62:
+        raise ValueError(f"offset: expected an int in [0, 2^62), got {offset}")
+    if isinstance(seed, int):
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed: expected an int in [0, 2^63), got {seed}")
+        if isinstance(offset, int):
+            return torch.tensor([[seed, offset]], dtype=torch.int64, device=device)
+        seed = torch.tensor([seed], dtype=torch.int64, device=device)
+    if seed.dtype not in (torch.int64, torch.int32) or seed.numel() not in (1, B) or seed.dim() > 1:
+        raise ValueError(f"seed: expected an integer tensor of shape [{B}] (one seed per sample) or [1], "
+                         f"got {_dtype_name(seed.dtype)} of shape {tuple(seed.shape)}")
+    seed = seed.to(device=device, dtype=torch.int64).reshape(-1)
+    off = offset.to(device=device, dtype=torch.int64).reshape(-1) if isinstance(offset, torch.Tensor) \
+        else torch.full_like(seed, offset)
+    if off.numel() not in (1, seed.numel()):
+        raise ValueError(f"offset: expected one value or one per seed ({seed.numel()}), got shape {tuple(off.shape)}")
+    return torch.stack([seed, off.expand_as(seed)], dim=1).contiguous()
+
+
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def same_layout(t: Optional[torch.Tensor], fmt: torch.memory_format) -> Optional[torch.Tensor]:
+    """``t`` in memory format ``fmt`` (a no-op when it already is); kernels read all inputs alike."""
+    if t is None:
+        return None
+    if fmt == torch.channels_last and t.dim() != 4:
+        return t.contiguous()
+    return t.contiguous(memory_format=fmt)
+
+
+def clamp(v, device, dtype=torch.float32) -> torch.Tensor:
+    if v is None:
+        return torch.full((1,), math.inf, dtype=dtype, device=device)
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"clamp: expected a single value, got shape {tuple(v.shape)}")
+        if _checking(v) and not bool(v.reshape(()) > 0):
+            raise ValueError(f"clamp: expected a positive value (or inf / None for no clamp), got {v.item()}")
+        return v.reshape(1).to(device=device, dtype=dtype)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"clamp: expected a positive number, math.inf or None, got {v!r}")
+    return torch.full((1,), float(v), dtype=dtype, device=device)
+
+
+Number = Union[int, float]

@@ -1,0 +1,160 @@
+"""Triton: EDM sampler steps (DESIGN 1.3) fused with the denoiser output and the next net input.
+
+churn:  x_hat = x + sqrt(t_hat^2 - t^2) S_noise n;         net_in = c_in(t_hat) x_hat
+euler:  D = c_skip(t) x + c_out(t) F;  d = (x - D) / t;     x_next = x + (t_next - t) d
+        net_in = c_in(t_next) x_next
+heun:   x_eul = x + h d,  h = t_next - t
+        d2 = (x_eul - c_skip(t_next) x_eul - c_out(t_next) F) / t_next
+        x_next = x + h (d + d2) / 2  [+ sqrt(t_hat'^2 - t_next^2) S_noise n  when churning next]
+        net_in = c_in(t_out) x_next
+
+Sampler state (x, d) is float32; F and net_in are in the network's dtype. Per-sample noise levels
+are tensors of shape [B] or [1]; a step reads each element a handful of times instead of dozens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import triton_common as tc
+
+
+@triton.jit
+def _churn_kernel(x_ptr, t_ptr, th_ptr, T_STRIDE, rng_ptr, noise_ptr, xo_ptr, net_ptr, S_noise,
+                  P, HW, C, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                  KIND: tl.constexpr, FDM: tl.constexpr, HAS_NOISE: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    r, k, j = tc.tile_index(pid, ROWS)
+    mask = j < P
+    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
+    t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
+    th = tl.load(th_ptr + b * T_STRIDE).to(tl.float32)
+    scale = tl.sqrt_rn(tl.maximum(th * th - t * t, 0.0)) * S_noise
+    c_in = tc.c_in_only(th, KIND, FDM, sd, smin, smax, m, fbm, fbd)
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    else:
+        n = tc.noise_tile(rng_ptr, b, pid, r, k, j, IDX_PER_SAMPLE, RNG_STRIDE, ROWS, ALIGNED)
+    x = x + scale * n
+    tl.store(xo_ptr + addr, x, mask=mask)
+    tl.store(net_ptr + addr, (c_in * x).to(net_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _euler_kernel(x_ptr, F_ptr, t_ptr, tn_ptr, T_STRIDE, xo_ptr, d_ptr, net_ptr,
+                  P, HW, C, sd, smin, smax, m, fbm, fbd,
+                  KIND: tl.constexpr, FDM: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    r, k, j = tc.tile_index(pid, ROWS)
+    mask = j < P
+    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
+    t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
+    tn = tl.load(tn_ptr + b * T_STRIDE).to(tl.float32)
+    c_skip, c_out, _, _ = tc.coefficients(t, KIND, FDM, sd, smin, smax, m, fbm, fbd)
+    c_in_next = tc.c_in_only(tn, KIND, FDM, sd, smin, smax, m, fbm, fbd)
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(F_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    d = (x - (c_skip * x + c_out * f)) / t
+    x_next = x + (tn - t) * d
+    tl.store(xo_ptr + addr, x_next, mask=mask)
+    tl.store(d_ptr + addr, d, mask=mask)
+    tl.store(net_ptr + addr, (c_in_next * x_next).to(net_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _heun_kernel(x_ptr, d_ptr, F_ptr, t_ptr, tn_ptr, th_ptr, T_STRIDE, rng_ptr, noise_ptr, xo_ptr, net_ptr, S_noise,
+                 P, HW, C, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                 KIND: tl.constexpr, FDM: tl.constexpr, CHURN: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    r, k, j = tc.tile_index(pid, ROWS)
+    mask = j < P
+    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
+    t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
+    tn = tl.load(tn_ptr + b * T_STRIDE).to(tl.float32)
+    c_skip, c_out, _, _ = tc.coefficients(tn, KIND, FDM, sd, smin, smax, m, fbm, fbd)
+    h = tn - t
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(F_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    x_eul = x + h * d
+    d2 = (x_eul - (c_skip * x_eul + c_out * f)) / tn
+    x_next = x + h * (0.5 * d + 0.5 * d2)
+    if CHURN:
+        t_out = tl.load(th_ptr + b * T_STRIDE).to(tl.float32)
+        scale = tl.sqrt_rn(tl.maximum(t_out * t_out - tn * tn, 0.0)) * S_noise
+        if HAS_NOISE:
+            n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        else:
+            n = tc.noise_tile(rng_ptr, b, pid, r, k, j, IDX_PER_SAMPLE, RNG_STRIDE, ROWS, ALIGNED)
+        x_next = x_next + scale * n
+    else:
+        t_out = tn
+    c_in = tc.c_in_only(t_out, KIND, FDM, sd, smin, smax, m, fbm, fbd)
+    tl.store(xo_ptr + addr, x_next, mask=mask)
+    tl.store(net_ptr + addr, (c_in * x_next).to(net_ptr.dtype.element_ty), mask=mask)
+
+
+def _t_stride(*ts):
+    return 1 if ts[0].numel() > 1 else 0
+
+
+@triton_op("fdm_fast_triton::churn", mutates_args=())
+def churn(x: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor, rng: torch.Tensor,
+          noise: Optional[torch.Tensor], S_noise: float, kind: int, fdm: bool, params: list[float],
+          net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, P, HW, C, cl = tc.geometry(x)
+    x_hat = tc.empty_like_layout(x, torch.float32)
+    net_in = tc.empty_like_layout(x, net_dtype)
+    idx_per_sample, rng_stride, aligned = tc.rng_geometry(rng, P, B)
+    sd, _, _, smin, smax, m, fbm, fbd = params
+    wrap_triton(_churn_kernel)[tc.grid(P, B)](
+        x, t_cur, t_hat, _t_stride(t_cur), rng, noise if noise is not None else x, x_hat, net_in, S_noise,
+        P, HW, C, idx_per_sample, rng_stride, sd, smin, smax, m, fbm, fbd,
+        KIND=kind, FDM=fdm, HAS_NOISE=noise is not None, CHANNELS_LAST=cl, ALIGNED=aligned, ROWS=tc.ROWS,
+        num_warps=tc.NUM_WARPS)
+    return x_hat, net_in
+
+
+@triton_op("fdm_fast_triton::euler_step", mutates_args=())
+def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, kind: int, fdm: bool,
+               params: list[float], net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, P, HW, C, cl = tc.geometry(x)
+    x_next = tc.empty_like_layout(x, torch.float32)
+    d = tc.empty_like_layout(x, torch.float32)
+    net_in = tc.empty_like_layout(x, net_dtype)
+    sd, _, _, smin, smax, m, fbm, fbd = params
+    wrap_triton(_euler_kernel)[tc.grid(P, B)](
+        x, F, t_cur, t_next, _t_stride(t_cur), x_next, d, net_in, P, HW, C, sd, smin, smax, m, fbm, fbd,
+        KIND=kind, FDM=fdm, CHANNELS_LAST=cl, ROWS=tc.ROWS, num_warps=tc.NUM_WARPS)
+    return x_next, d, net_in
+
+
+@triton_op("fdm_fast_triton::heun_step", mutates_args=())
+def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor,
+              t_hat_next: Optional[torch.Tensor], rng: torch.Tensor, noise: Optional[torch.Tensor], S_noise: float,
+              kind: int, fdm: bool, params: list[float],
+              net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, P, HW, C, cl = tc.geometry(x)
+    x_next = tc.empty_like_layout(x, torch.float32)
+    net_in = tc.empty_like_layout(x, net_dtype)
+    idx_per_sample, rng_stride, aligned = tc.rng_geometry(rng, P, B)
+    sd, _, _, smin, smax, m, fbm, fbd = params
+    churning = t_hat_next is not None
+    wrap_triton(_heun_kernel)[tc.grid(P, B)](
+        x, d, F, t_cur, t_next, t_hat_next if churning else t_next, _t_stride(t_cur), rng,
+        noise if noise is not None else x, x_next, net_in, S_noise,
+        P, HW, C, idx_per_sample, rng_stride, sd, smin, smax, m, fbm, fbd,
+        KIND=kind, FDM=fdm, CHURN=churning, HAS_NOISE=noise is not None, CHANNELS_LAST=cl, ALIGNED=aligned,
+        ROWS=tc.ROWS, num_warps=tc.NUM_WARPS)
+    return x_next, net_in

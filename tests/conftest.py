@@ -1,0 +1,61 @@
+"""Shared test helpers: the Triton interpreter on CPU-only machines, tolerances, poisoned outputs."""
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter (numpy) on CPU tensors. It must be chosen
+# before triton is imported, which happens when fdm_fast.ops loads its Triton modules.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - triton is a test dependency
+    HAS_TRITON = False
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; this machine has none")
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# Smallest error floor per output dtype, relative to the largest reference magnitude: one unit in
+# the last place. The main bound is relative to eager PyTorch's own error (see assert_close).
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-52}
+
+
+def assert_close(name, out, ref64, eager=None, *, dtype=None, factor=2.0, floor_ulps=4.0, extra_atol=0.0):
+    """Check ``out`` against the float64 reference ``ref64``.
+
+    The error must be at most ``factor`` times eager PyTorch's error on the same inputs (``eager``,
+    the torch backend in the test dtype), plus ``floor_ulps`` ULPs of the output dtype at the largest
+    reference magnitude (the flash-attention standard). Prints max/mean error and the first bad index.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    dtype = dtype or out.dtype
+    o, r = out.detach().double().cpu(), ref64.detach().double().cpu()
+    assert not torch.isnan(o).any(), f"{name}: NaN in output (an element left unwritten?) at " \
+        f"{tuple(torch.nonzero(torch.isnan(o))[0].tolist())}"
+    err = (o - r).abs()
+    scale = r.abs().max().item()
+    bound = floor_ulps * ULP[dtype] * max(scale, 1e-30) + extra_atol
+    if eager is not None:
+        bound += factor * (eager.detach().double().cpu() - r).abs().max().item()
+    if err.max().item() > bound:
+        idx = tuple(torch.nonzero(err > bound)[0].tolist())
+        raise AssertionError(f"{name}: max error {err.max().item():.3g} > bound {bound:.3g} (mean {err.mean().item():.3g},"
+                             f" scale {scale:.3g}); first bad index {idx}: got {o[idx].item()}, want {r[idx].item()}")
+
+
+@pytest.fixture
+def poison():
+    """Fill every Triton output with NaN before its kernel runs."""
+    from fdm_fast.ops import triton_common as tc
+
+    tc.POISON = True
+    yield
+    tc.POISON = False
