@@ -1,0 +1,116 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument; backend choice per DESIGN 2.1."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_TRITON
+from fdm_fast import ops
+
+P = "fdm_edm"
+y = torch.randn(2, 3, 8, 8)
+F = torch.randn(2, 3, 8, 8)
+
+
+def raises(exc, match):
+    return pytest.raises(exc, match=match)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
+def test_shape_dtype_device_mismatch(backend):
+    with raises(ValueError, r"y: expected shape \(2, 3, 8, 8\) \(the shape of F\), got \(2, 3, 8, 9\)"):
+        ops.denoise_loss(F, torch.randn(2, 3, 8, 9), 1.0, P, backend=backend)
+    with raises(TypeError, r"F: expected dtype float32 or bfloat16 or float16.*got int64"):
+        ops.denoise_loss(torch.ones(2, 3, 8, 8, dtype=torch.int64), y, 1.0, P, backend=backend)
+    with raises(TypeError, r"y: expected a torch.Tensor, got list"):
+        ops.perturb([1.0, 2.0], 1.0, P, backend=backend)
+    with raises(ValueError, r"noise: expected shape"):
+        ops.perturb(y, 1.0, P, noise=torch.randn(2, 3, 8), backend=backend)
+    with raises(ValueError, r"sigma: expected one value or one per sample \(2\), got shape \(3,\)"):
+        ops.perturb(y, torch.ones(3), P, backend=backend)
+    with raises(TypeError, r"x: expected dtype float32"):
+        ops.euler_step(y.half(), F, 1.0, 0.5, P, backend=backend)
+    with raises(ValueError, r"d: expected shape"):
+        ops.heun_step(y, y[:1], F, 1.0, 0.5, P, backend=backend)
+    with raises(TypeError, r"out_dtype"):
+        ops.perturb(y, 1.0, P, out_dtype=torch.int32, backend=backend)
+    if backend != "torch":
+        with raises(TypeError, r"float64"):
+            ops.perturb(y.double(), 1.0, P, backend=backend)
+    meta = torch.empty(2, 3, 8, 8, device="meta")
+    with raises(ValueError, r"device"):
+        ops.denoise_loss(F, meta, 1.0, P, backend="torch")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_invalid_sigma(bad):
+    with raises(ValueError, r"sigma: expected a finite number > 0, got"):
+        ops.perturb(y, bad, P)
+    with raises(ValueError, r"sigma: expected a finite number > 0 per sample, got .* at index 1"):
+        ops.denoise_loss(F, y, torch.tensor([1.0, bad]), P)
+    with raises(ValueError, r"t_cur: expected a finite number > 0"):
+        ops.euler_step(y, F, bad, 0.0, P)
+    if bad != 0.0:  # t_next may be 0 (the last step), never negative or non-finite
+        with raises(ValueError, r"t_next: expected a finite number >= 0"):
+            ops.euler_step(y, F, 1.0, bad, P)
+    with raises(ValueError, r"t_next: expected a finite number > 0"):  # Heun's correction divides by t_next
+        ops.heun_step(y, y, F, 1.0, 0.0, P)
+
+
+def test_other_bad_arguments():
+    with raises(ValueError, r"precond: expected one of vp, ve, edm, fdm_vp, fdm_ve, fdm_edm, got 'ddpm'"):
+        ops.perturb(y, 1.0, "ddpm")
+    with raises(TypeError, r"precond: expected a preconditioning name"):
+        ops.perturb(y, 1.0, 3)
+    with raises(ValueError, r"seed: expected an int in \[0, 2\^63\), got -1"):
+        ops.perturb(y, 1.0, P, seed=-1)
+    with raises(TypeError, r"seed: expected an int"):
+        ops.perturb(y, 1.0, P, seed=1.5)
+    with raises(ValueError, r"seed: expected an integer tensor of shape \[2\]"):
+        ops.perturb(y, 1.0, P, seed=torch.tensor([1, 2, 3]))
+    with raises(ValueError, r"reduction: expected 'mean', 'sum' or 'none', got 'avg'"):
+        ops.denoise_loss(F, y, 1.0, P, reduction="avg")
+    with raises(ValueError, r"clamp: expected a positive number"):
+        ops.denoise_loss(F, y, 1.0, P, clamp=-2.0)
+    with raises(ValueError, r"t_hat: expected t_hat >= t_cur"):
+        ops.churn(y, 2.0, 1.0, P)
+    with raises(ValueError, r"t_hat_next: expected t_hat_next >= t_next"):
+        ops.heun_step(y, y, F, 2.0, 1.0, P, t_hat_next=0.5)
+    with raises(ValueError, r"S_noise: expected a finite number >= 0"):
+        ops.churn(y, 1.0, 2.0, P, S_noise=math.nan)
+    with raises(ValueError, r"shape: expected a non-empty shape"):
+        ops.randn([0, 3])
+    with raises(ValueError, r"y: expected a batch of at least one sample"):
+        ops.perturb(torch.randn(0, 3), 1.0, P)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("FDM_FAST_BACKEND", raising=False)
+    assert "torch" in ops.available_backends("cpu")
+    # CPU tensors: cpu (when the extension is built), else torch; never triton by default
+    want = "cpu" if "cpu" in ops.available_backends("cpu") else "torch"
+    assert ops.select_backend("cpu") == want
+    assert ops.select_backend("cpu", "torch") == "torch"
+    monkeypatch.setenv("FDM_FAST_BACKEND", "torch")
+    assert ops.select_backend("cpu") == "torch"
+    monkeypatch.setenv("FDM_FAST_BACKEND", "nope")
+    with raises(ValueError, r"\$FDM_FAST_BACKEND: expected one of torch, triton, cuda, cpu, got 'nope'"):
+        ops.perturb(y, 1.0, P)
+    monkeypatch.delenv("FDM_FAST_BACKEND")
+    with raises(ValueError, r"backend: expected one of torch, triton, cuda, cpu, got 'jax'"):
+        ops.perturb(y, 1.0, P, backend="jax")
+
+
+def test_unavailable_backend_is_an_error_never_a_fallback(monkeypatch):
+    if not torch.cuda.is_available():
+        with raises(ValueError, r"backend='cuda' is not available for cpu tensors"):
+            ops.perturb(y, 1.0, P, backend="cuda")
+    if "cpu" not in ops.available_backends("cpu"):
+        with raises(ValueError, r"backend='cpu' is not available for cpu tensors: .*fdm_fast._C"):
+            ops.perturb(y, 1.0, P, backend="cpu")
+    if HAS_TRITON and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with raises(ValueError, r"backend='triton' is not available for cpu tensors: .*TRITON_INTERPRET"):
+            ops.perturb(y, 1.0, P, backend="triton")
+        assert "triton" not in ops.available_backends("cpu")
