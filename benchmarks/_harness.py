@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: device name, timing (medians, warm-up reported apart), copy bandwidth,
+and appending rows to benchmarks/RESULTS.md with machine and date."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, *, reps: int, warmup: int = 2, min_time: float = 0.0):
+    """(median seconds per call, seconds of the first call). The first call (compilation, autotuning,
+    allocation) is reported apart and excluded, as are ``warmup`` more calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        if len(times) >= 10 * reps:
+            break
+    return statistics.median(times), first
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Last-level cache to defeat by rotating buffers: the GPU's L2, or a generous CPU L3 guess."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    try:
+        import subprocess
+
+        out = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+        if out and int(out) > 0:
+            return int(out)
+    except Exception:
+        pass
+    return 32 << 20
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted) on a buffer far above cache."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t, _ = time_fn(lambda: dst.copy_(src), device, reps=reps)
+    return 2 * nbytes / t
+
+
+def append_results(title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> None:
+    date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [f"\n## {title} ({date})\n", *[f"{n}  " for n in notes], "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Measured results\n\nEvery number here was measured by a script in this folder; "
+                           "each section names its machine (the card for GPU numbers), date and command.\n")
+    with RESULTS.open("a") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,279 @@
+"""One harness for every fused op: median time, GB/s and fraction of the measured copy bandwidth.
+
+For each op, size and dtype, in one run on one machine:
+  eager     the official code's op-by-op math in PyTorch (noise from torch.randn, stored for the loss)
+  compile   torch.compile (inductor) of that same composite
+  <backend> each fused fdm_fast backend available on the device (triton / cuda / cpu; the torch
+            reference only with --backends torch: it is the spec, not a performance path)
+  copy      a plain device copy of the same number of bytes, the bound a fused op aims at
+
+GB/s counts the bytes a fused op must move (reads + writes; listed per op below), the same for every
+implementation, so it reads as effective bandwidth. Input buffers rotate over several sets larger
+than the last-level cache, so a CIFAR batch measures memory, not L2. Warm-up (compilation) is timed
+apart and excluded from the medians. Rows are appended to benchmarks/RESULTS.md with machine and date.
+
+    python benchmarks/ops_bandwidth.py                          # all ops, CIFAR and FFHQ-64, fp32+bf16
+    python benchmarks/ops_bandwidth.py --ops perturb loss --sizes b64 --dtypes fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import append_results, cache_bytes, copy_bandwidth, machine_name, time_fn  # noqa: E402
+
+from fdm_fast import ops, schedules  # noqa: E402
+
+SIZES = {"cifar": (512, 3, 32, 32), "b64": (64, 3, 64, 64), "ffhq64": (256, 3, 64, 64)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECOND = schedules.get_precond("fdm_edm")
+CLAMP = 50.0
+
+
+def _col(v):
+    return v.reshape(-1, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each op: inputs, bytes a fused kernel must move, the eager composite, the fused call.
+
+
+class Op:
+    name = ""
+
+    def inputs(self, shape, dtype, device, g):
+        raise NotImplementedError
+
+    def nbytes(self, shape, dtype):
+        raise NotImplementedError
+
+    def eager(self, i):
+        raise NotImplementedError
+
+    def fused(self, i, backend):
+        raise NotImplementedError
+
+
+class Perturb(Op):
+    name = "perturb"
+    doc = "read y, write net_in"
+
+    def inputs(self, shape, dtype, device, g):
+        y = torch.randn(shape, generator=g).to(device, dtype)
+        return dict(y=y, sigma=PRECOND.sample_sigma(shape[0], generator=g).to(device), seed=int(g.seed() % 2**62))
+
+    def nbytes(self, shape, dtype):
+        return 2 * math.prod(shape) * dtype.itemsize
+
+    def eager(self, i):
+        y, s = i["y"], _col(i["sigma"])
+        n = torch.randn_like(y, dtype=torch.float32)
+        x = y.float() + s * n
+        return (PRECOND.c_in(s) * x).to(y.dtype)
+
+    def fused(self, i, backend):
+        return ops.perturb(i["y"], i["sigma"], PRECOND, seed=i["seed"], backend=backend)
+
+
+class Loss(Op):
+    name = "loss fwd+bwd"
+    doc = "fwd: read F, y; bwd: read F, y, write dF"
+
+    def inputs(self, shape, dtype, device, g):
+        i = Perturb().inputs(shape, dtype, device, g)
+        i["F"] = torch.randn(shape, generator=g).to(device, dtype).requires_grad_(True)
+        i["n"] = torch.randn(shape, generator=g).to(device)  # the official code keeps the noise
+        return i
+
+    def nbytes(self, shape, dtype):
+        return 5 * math.prod(shape) * dtype.itemsize
+
+    @staticmethod
+    def composite(F, y, sigma, n):
+        s = _col(sigma)
+        x = y.float() + s * n
+        D = PRECOND.c_skip(s) * x + PRECOND.c_out(s) * F.float()
+        w = torch.clamp(PRECOND.loss_weight(s), max=CLAMP)
+        return (w * (D - y.float()) ** 2).sum() / F.shape[0]
+
+    def eager(self, i, fn=None):
+        loss = (fn or self.composite)(i["F"], i["y"], i["sigma"], i["n"])
+        loss.backward()
+        i["F"].grad = None
+
+    def fused(self, i, backend):
+        loss = ops.denoise_loss(i["F"], i["y"], i["sigma"], PRECOND, seed=i["seed"], clamp=CLAMP, backend=backend)
+        loss.backward()
+        i["F"].grad = None
+
+
+class Churn(Op):
+    name = "churn"
+    doc = "read x (fp32), write x_hat (fp32), net_in"
+
+    def inputs(self, shape, dtype, device, g):
+        B = shape[0]
+        return dict(x=torch.randn(shape, generator=g).to(device) * 5, t=torch.full((B,), 5.0, device=device),
+                    th=torch.full((B,), 5.5, device=device), seed=1, dtype=dtype)
+
+    def nbytes(self, shape, dtype):
+        return math.prod(shape) * (8 + dtype.itemsize)
+
+    def eager(self, i):
+        t, th = _col(i["t"]), _col(i["th"])
+        x_hat = i["x"] + (th**2 - t**2).sqrt() * torch.randn_like(i["x"])
+        return x_hat, (PRECOND.c_in(th) * x_hat).to(i["dtype"])
+
+    def fused(self, i, backend):
+        return ops.churn(i["x"], i["t"], i["th"], PRECOND, seed=i["seed"], net_dtype=i["dtype"], backend=backend)
+
+
+class Euler(Op):
+    name = "euler step"
+    doc = "read x (fp32), F; write x_next, d (fp32), net_in"
+
+    def inputs(self, shape, dtype, device, g):
+        B = shape[0]
+        return dict(x=torch.randn(shape, generator=g).to(device) * 5, F=torch.randn(shape, generator=g).to(device, dtype),
+                    d=torch.randn(shape, generator=g).to(device), t=torch.full((B,), 5.0, device=device),
+                    tn=torch.full((B,), 3.0, device=device), dtype=dtype)
+
+    def nbytes(self, shape, dtype):
+        return math.prod(shape) * (12 + 2 * dtype.itemsize)
+
+    def eager(self, i):
+        t, tn, x = _col(i["t"]), _col(i["tn"]), i["x"]
+        D = PRECOND.c_skip(t) * x + PRECOND.c_out(t) * i["F"].float()
+        d = (x - D) / t
+        x_next = x + (tn - t) * d
+        return x_next, d, (PRECOND.c_in(tn) * x_next).to(i["dtype"])
+
+    def fused(self, i, backend):
+        return ops.euler_step(i["x"], i["F"], i["t"], i["tn"], PRECOND, net_dtype=i["dtype"], backend=backend)
+
+
+class Heun(Euler):
+    name = "heun step"
+    doc = "read x, d (fp32), F; write x_next (fp32), net_in"
+
+    def nbytes(self, shape, dtype):
+        return math.prod(shape) * (12 + 2 * dtype.itemsize)
+
+    def eager(self, i):
+        t, tn, x, d = _col(i["t"]), _col(i["tn"]), i["x"], i["d"]
+        h = tn - t
+        x_eul = x + h * d
+        D2 = PRECOND.c_skip(tn) * x_eul + PRECOND.c_out(tn) * i["F"].float()
+        d2 = (x_eul - D2) / tn
+        x_next = x + h * (0.5 * d + 0.5 * d2)
+        return x_next, (PRECOND.c_in(tn) * x_next).to(i["dtype"])
+
+    def fused(self, i, backend):
+        return ops.heun_step(i["x"], i["d"], i["F"], i["t"], i["tn"], PRECOND, net_dtype=i["dtype"], backend=backend)
+
+
+OPS = {"perturb": Perturb(), "loss": Loss(), "churn": Churn(), "euler": Euler(), "heun": Heun()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def rotating(sets):
+    """A zero-argument caller factory that cycles through input sets on every call."""
+    state = {"k": 0}
+
+    def wrap(f):
+        def call():
+            i = sets[state["k"] % len(sets)]
+            state["k"] += 1
+            return f(i)
+        return call
+    return wrap
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), help="ops to time (default: all)")
+    ap.add_argument("--sizes", nargs="+", default=["cifar", "ffhq64"], choices=list(SIZES),
+                    help="cifar 512x3x32x32, b64 64x3x64x64, ffhq64 256x3x64x64 (default: cifar ffhq64)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backends", nargs="*", default=None,
+                    help="fused backends to time (default: every available one except the torch reference)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves compile time)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 50 on GPU, 5 on CPU)")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    reps = args.reps or (50 if device.type == "cuda" else 5)
+    ops.set_value_checks(False)  # no device syncs for argument values inside the timed loop
+    avail = [b for b in ops.available_backends(device) if b != "torch"]
+    if device.type == "cpu":
+        avail = [b for b in avail if b != "triton"]  # the interpreter is not a performance path
+    backends = avail if args.backends is None else args.backends
+    for b in backends:
+        ops.select_backend(device, b)  # a clear error now if one is not available
+
+    machine = machine_name(device)
+    bw = copy_bandwidth(device)
+    cache = cache_bytes(device)
+    print(f"{machine}\nmeasured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write); rotating inputs over "
+          f">= 3x {cache / 2**20:.0f} MiB of cache\n")
+    header = ["op", "shape", "dtype", "impl", "median ms", "GB/s", "% copy BW", "vs eager", "first call s"]
+    rows, records = [], []
+    g = torch.Generator().manual_seed(0)
+    for op_name in args.ops:
+        op = OPS[op_name]
+        for size in args.sizes:
+            shape = SIZES[size]
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                nbytes = op.nbytes(shape, dtype)
+                # enough input sets to span 3x the last-level cache, within 2 GiB of buffers
+                nsets = max(1, min(math.ceil(3 * cache / nbytes), (2 << 30) // nbytes))
+                sets = [op.inputs(shape, dtype, device, g) for _ in range(nsets)]
+                rot = rotating(sets)
+                impls = [("eager", rot(op.eager))]
+                if not args.no_compile:
+                    if op_name == "loss":
+                        comp = torch.compile(Loss.composite, dynamic=False)
+                        impls.append(("compile", rot(lambda i, c=comp: op.eager(i, c))))
+                    else:
+                        impls.append(("compile", rot(torch.compile(op.eager, dynamic=False))))
+                impls += [(b, rot(lambda i, b=b: op.fused(i, b))) for b in backends]
+                bufs = [(torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1),
+                         torch.zeros(nbytes // 2, dtype=torch.uint8, device=device)) for _ in range(nsets)]
+                impls.append(("copy", rotating(bufs)(lambda b: b[1].copy_(b[0]))))
+                base = None
+                for impl, fn in impls:
+                    t, first = time_fn(fn, device, reps=max(reps, nsets), warmup=nsets + 1)  # touch every set first
+                    base = t if impl == "eager" else base
+                    gbs = nbytes / t / 1e9
+                    row = [op.name, "x".join(map(str, shape)), dname, impl, f"{t * 1e3:.3f}", f"{gbs:.1f}",
+                           f"{100 * nbytes / t / bw:.0f}%", f"{base / t:.2f}x", f"{first:.2f}"]
+                    rows.append(row)
+                    records.append(dict(zip(header, row)))
+                    print(" | ".join(f"{c:>14}" if k else f"{c:<14}" for k, c in enumerate(row)), flush=True)
+                del sets, bufs
+    print()
+    notes = [f"Machine: {machine}", f"Command: `python benchmarks/ops_bandwidth.py {' '.join(argv or sys.argv[1:])}`",
+             f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s; precond fdm_edm; bytes per op: "
+             + "; ".join(f"{o.name}: {o.doc}" for o in (OPS[n] for n in args.ops))]
+    if not args.no_results:
+        append_results("ops_bandwidth", header, rows, notes)
+        print(f"appended {len(rows)} rows to benchmarks/RESULTS.md")
+    if args.json:
+        args.json.write_text(json.dumps(dict(machine=machine, copy_bw=bw, rows=records), indent=1))
+
+
+if __name__ == "__main__":
+    main()
