@@ -64,6 +64,37 @@ def time_fn(fn, device: torch.device, *, reps: int, warmup: int = 2, min_time: f
     return statistics.median(times), first
 
 
+def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int = 2):
+    """{name: (median seconds, first-call seconds)} with the calls of all ``fns`` interleaved round-robin,
+    so that a slow phase of a shared machine (another tenant, frequency changes) hits every
+    implementation alike instead of whichever ran then. First calls (compilation) are timed apart."""
+    first, times = {}, {k: [] for k in fns}
+    for k, fn in fns.items():
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first[k] = time.perf_counter() - t0
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times[k].append(a.elapsed_time(b) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: (statistics.median(v), first[k]) for k, v in times.items()}
+
+
 def cache_bytes(device: torch.device) -> int:
     """Last-level cache to defeat by rotating buffers: the GPU's L2, or a generous CPU L3 guess."""
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import append_results, cache_bytes, copy_bandwidth, machine_name, time_fn  # noqa: E402
+from _harness import append_results, cache_bytes, copy_bandwidth, machine_name, time_interleaved  # noqa: E402
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -253,10 +253,11 @@ def main(argv=None):
                 bufs = [(torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1),
                          torch.zeros(nbytes // 2, dtype=torch.uint8, device=device)) for _ in range(nsets)]
                 impls.append(("copy", rotating(bufs)(lambda b: b[1].copy_(b[0]))))
-                base = None
-                for impl, fn in impls:
-                    t, first = time_fn(fn, device, reps=max(reps, nsets), warmup=nsets + 1)  # touch every set first
-                    base = t if impl == "eager" else base
+                # every input set is touched before timing; calls of all implementations interleave
+                timed = time_interleaved(dict(impls), device, reps=max(reps, nsets), warmup=nsets + 1)
+                base = timed["eager"][0]
+                for impl, _ in impls:
+                    t, first = timed[impl]
                     gbs = nbytes / t / 1e9
                     row = [op.name, "x".join(map(str, shape)), dname, impl, f"{t * 1e3:.3f}", f"{gbs:.1f}",
                            f"{100 * nbytes / t / bw:.0f}%", f"{base / t:.2f}x", f"{first:.2f}"]

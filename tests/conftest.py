@@ -20,8 +20,21 @@ except Exception:  # pragma: no cover - triton is a test dependency
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+
+def _has_cpu_ext():
+    from fdm_fast import ops
+
+    return "cpu" in ops.available_backends("cpu")
+
+
+HAS_CPU_EXT = _has_cpu_ext()
+
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; this machine has none")
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# The compiled extension is built by `pip install --no-build-isolation -e .` (and by CI); where it
+# is missing the reason is printed, so a silently skipped backend cannot pass for a tested one.
+requires_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="fdm_fast._C (cpu backend) is not built")
+requires_cuda_ext = pytest.mark.skipif(not (HAS_CUDA and HAS_CPU_EXT), reason="needs a GPU and fdm_fast._C with CUDA")
 
 # Smallest error floor per output dtype, relative to the largest reference magnitude: one unit in
 # the last place. The main bound is relative to eager PyTorch's own error (see assert_close).
@@ -60,9 +73,15 @@ def assert_close(name, out, ref64, eager=None, *, dtype=None, factor=2.0, floor_
 
 @pytest.fixture
 def poison():
-    """Fill every Triton output with NaN before its kernel runs."""
-    from fdm_fast.ops import triton_common as tc
+    """Fill every Triton and compiled-extension output with NaN before its kernel runs."""
+    from fdm_fast.ops import triton_common as tc  # noqa: F401  (triton is a test dependency)
 
     tc.POISON = True
+    if HAS_CPU_EXT:
+        from fdm_fast import _C
+
+        _C.set_poison(True)
     yield
     tc.POISON = False
+    if HAS_CPU_EXT:
+        _C.set_poison(False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, requires_triton
+from conftest import DEVICE, HAS_CUDA, requires_cpu_ext, requires_cuda_ext, requires_triton
 from fdm_fast import ops
 from fdm_fast.ops import reference as R
 
@@ -49,6 +49,28 @@ def test_torch_and_triton_give_the_same_noise(shape, seed, offset):
     assert (a - b).abs().max().item() <= 1e-5
 
 
+@requires_cpu_ext
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed,offset", [(0, 0), (12345678901, 5), (2**63 - 1, 2**32 - 3)])
+def test_torch_and_cpu_give_the_same_noise(shape, seed, offset):
+    a = ops.randn(shape, seed=seed, offset=offset, backend="torch")
+    b = ops.randn(shape, seed=seed, offset=offset, backend="cpu")
+    assert (a - b).abs().max().item() <= 1e-5
+    seeds = torch.arange(shape[0], dtype=torch.int64) * 977 + seed % 1000
+    a = ops.randn(shape, seed=seeds, offset=offset, backend="torch")
+    b = ops.randn(shape, seed=seeds, offset=offset, backend="cpu")
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+@requires_cuda_ext
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_gives_the_same_noise_as_torch_and_triton(shape):
+    a = ops.randn(shape, seed=77, offset=3, device="cuda", backend="torch")
+    b = ops.randn(shape, seed=77, offset=3, device="cuda", backend="cuda")
+    c = ops.randn(shape, seed=77, offset=3, device="cuda", backend="triton")
+    assert (a - b).abs().max().item() <= 1e-5 and (b - c).abs().max().item() <= 1e-5
+
+
 @requires_triton
 def test_per_sample_seeds_torch_and_triton():
     seeds = torch.tensor([3, 7, 2**40 + 1], dtype=torch.int64, device=DEVICE)
@@ -75,8 +97,11 @@ def test_per_sample_seed_is_its_own_stream():
     assert torch.equal(alone, ops.randn((1, 3, 5, 5), seed=7, backend="torch"))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton),
+                                     pytest.param("cpu", marks=requires_cpu_ext)])
 def test_channels_last_gives_the_same_values(backend):
+    if backend == "cpu" and HAS_CUDA:
+        pytest.skip("the cpu backend runs CPU tensors; this machine's tests use the GPU")
     y = torch.randn(5, 3, 17, 19, device=DEVICE)
     a = ops.perturb(y, 2.0, "ve", seed=11, backend=backend)  # ve: c_in = 1, so net_in = y + 2 n
     b = ops.perturb(y.contiguous(memory_format=torch.channels_last), 2.0, "ve", seed=11, backend=backend)

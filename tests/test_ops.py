@@ -12,10 +12,12 @@ import zlib
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, requires_triton
+from conftest import DEVICE, assert_close, requires_cpu_ext, requires_cuda_ext, requires_triton
 from fdm_fast import ops, schedules
 
-BACKENDS = [pytest.param("triton", marks=requires_triton)]
+BACKENDS = [pytest.param("triton", marks=requires_triton),
+            pytest.param("cpu" if DEVICE.type == "cpu" else "cuda",
+                         marks=requires_cpu_ext if DEVICE.type == "cpu" else requires_cuda_ext)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last"]
 SHAPES = [(1, 3, 17, 19), (5, 3, 17, 19), (2, 3, 32, 32)]
@@ -216,3 +218,34 @@ def test_per_sample_seeds_in_ops(poison, backend):
     assert_close("net_in", out, ref.double(), ref)
     alone = ops.perturb(y[1:2], 1.3, p, seed=seeds[1:2], backend=backend)
     assert torch.equal(alone[0], out[1])
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_backend_same_with_one_and_two_threads(layout):
+    """Tasks own disjoint chunks and their own partial sums: the thread count cannot change a bit."""
+    p = schedules.get_precond("fdm_vp")
+    g = _gen("threads", layout)
+    y, F = _layout(_rand((5, 3, 17, 19), g), layout), _layout(_rand((5, 3, 17, 19), g), layout)
+    x, d = y * 3, F * 0.5
+    sigma = _sigmas(p, 5, g)
+
+    def run_all():
+        F_ = F.clone().requires_grad_(True)
+        loss = ops.denoise_loss(F_, y, sigma, p, seed=4, reduction="none", backend="cpu")
+        loss.backward(torch.ones(5))
+        return [ops.perturb(y, sigma, p, seed=4, backend="cpu"), loss.detach(), F_.grad,
+                *ops.churn(x, sigma, sigma * 1.1, p, seed=2, backend="cpu"),
+                *ops.euler_step(x, F, sigma, sigma * 0.5, p, backend="cpu"),
+                *ops.heun_step(x, d, F, sigma, sigma * 0.5, p, t_hat_next=sigma * 0.6, seed=8, backend="cpu")]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_all()
+        torch.set_num_threads(2)
+        two = run_all()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

@@ -143,16 +143,17 @@ FDM_HD uint32_t float_to_bits(float f) {
 }
 
 // Natural log for positive normal floats: u = 2^e m with m in [sqrt(1/2), sqrt(2)) found by integer
-// arithmetic on the bits (no branches, so loops vectorise), then log m = 2 atanh(s),
-// s = (m - 1) / (m + 1), |s| <= 0.1716, series to s^11.
+// arithmetic on the bits (no branches, so loops vectorise), then log m = f q(f), f = m - 1, with q a
+// degree-8 least-squares fit of log1p(f)/f on Chebyshev nodes of [sqrt(1/2) - 1, sqrt(2) - 1]
+// (|error| < 5e-8 there; no division, which costs more than the 8 FMAs in a vector loop).
 FDM_HD float log_poly(float u) {
   const int32_t ix = static_cast<int32_t>(float_to_bits(u)) - 0x3F3504F3;  // bits of sqrt(1/2)
   const int32_t e = ix >> 23;                                               // arithmetic shift
-  const float m = bits_to_float(static_cast<uint32_t>((ix & 0x7FFFFF) + 0x3F3504F3));
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  const float p = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9 + s2 * (1.0f / 11)))));
-  return static_cast<float>(e) * 0.693147180559945f + 2.0f * s * p;
+  const float f = bits_to_float(static_cast<uint32_t>((ix & 0x7FFFFF) + 0x3F3504F3)) - 1.0f;
+  constexpr float c1 = -4.999998808e-01f, c2 = 3.333418369e-01f, c3 = -2.500215471e-01f, c4 = 1.995697767e-01f;
+  constexpr float c5 = -1.656069607e-01f, c6 = 1.494909525e-01f, c7 = -1.437733024e-01f, c8 = 8.743945509e-02f;
+  const float q = 1.0f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * (c7 + f * c8)))))));
+  return static_cast<float>(e) * 0.693147180559945f + f * q;
 }
 
 // sin(2 pi u) and cos(2 pi u) for u in [0, 1): reduce to the nearest quarter turn q, so that

@@ -48,9 +48,10 @@ def _noise_arg(noise, like, like_name, backend, fmt):
 
 
 def _ext_call(backend: str, name: str, *args):
+    """Run a compiled op (``cpu`` / ``cuda`` backends; the device picks the kernel)."""
     from ._backends import extension
     ext, _ = extension()
-    return getattr(ext, name)(*args)
+    return ext.call(name, *args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +118,10 @@ def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, of
     elif be == "triton":
         per_sample = triton_module("loss").loss_fwd(F, y, s, rng, noise, c, *_spec(p))
     else:
-        per_sample = _ext_call(be, "denoise_loss", F, y, s, rng, noise, c, *_spec(p))
+        # The compiled backends write the unscaled gradient in the forward when one will be needed,
+        # so the backward is a per-sample scale instead of a second noise pass.
+        save = torch.is_grad_enabled() and F.requires_grad
+        per_sample = _ext_call(be, "loss_fwd", F, y, s, rng, noise, c, *_spec(p), save)
     if reduction == "mean":
         return per_sample.mean()
     return per_sample.sum() if reduction == "sum" else per_sample

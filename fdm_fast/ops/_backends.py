@@ -36,12 +36,12 @@ def _triton_modules():
 
 @functools.lru_cache(maxsize=None)
 def extension() -> tuple[Optional[ModuleType], str]:
-    """The compiled extension ``fdm_fast._C`` and the reason when it is missing."""
+    """``fdm_fast.ops.extension`` (the loaded ``fdm_fast._C``) and the reason when it is missing."""
     try:
-        return importlib.import_module("fdm_fast._C"), ""
+        return importlib.import_module("fdm_fast.ops.extension"), ""
     except Exception as e:
         return None, (f"the compiled extension fdm_fast._C is not built ({type(e).__name__}: {e}); "
-                      "build it with `pip install .` on a machine with a C++ compiler")
+                      "build it with `pip install --no-build-isolation -e .` on a machine with a C++ compiler")
 
 
 def _interpreter() -> bool:
@@ -67,8 +67,7 @@ def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> s
         ext, why = extension()
         if ext is None:
             return why
-        has = getattr(ext, "has_cuda" if backend == "cuda" else "has_cpu", lambda: False)()
-        if not has:
+        if not (ext.has_cuda() if backend == "cuda" else ext.has_cpu()):
             return f"fdm_fast._C was built without its {backend} kernels"
         if backend == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is visible"

@@ -87,7 +87,7 @@ def sigma(name: str, v, B: int, device: torch.device, *, dtype=torch.float32, al
         raise ValueError(f"{name}: expected device {device}, got {v.device}")
     if v.numel() not in (1, B) or (v.dim() > 1 and v.shape[0] != v.numel() and v.numel() != 1):
         raise ValueError(f"{name}: expected one value or one per sample ({B}), got shape {tuple(v.shape)}")
-    if _checking(v):
+    if _checking(v) and not bool((((v >= 0) if allow_zero else (v > 0)) & (v < math.inf)).all()):  # NaN fails both
         bad = ~torch.isfinite(v) | ((v < 0) if allow_zero else (v <= 0))
         if bool(bad.any()):
             raise ValueError(f"{name}: expected {what} per sample, got {v.flatten()[bad.flatten()][0].item()} "

@@ -1,0 +1,437 @@
+// CUDA kernels of the fused ops (the `cuda` backend). Formulas: fdm_fast/ops/reference.py.
+// No torch headers here (the CPU torch wheel has none for CUDA): raw pointers and a stream come in
+// through the argument structs of fdm_ops.h, bindings.cpp does the rest.
+//
+// Each thread handles groups of 4 consecutive logical elements of one sample, so one Philox call
+// (randn4) feeds the four; contiguous tensors with a sample size divisible by 4 and aligned pointers
+// use one wide access per group (16 bytes for fp32, 8 for bf16/fp16). Indexing is 64-bit. The grid
+// is sized to the device: blockIdx.y strides over samples, blockIdx.x over a sample's groups, with
+// grid-stride loops in both, so per-sample coefficients are computed once per (block, sample) and
+// the forward loss reduces each block's share of a sample into one partial sum (no atomics).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fdm_cuda.h"
+
+namespace fdm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWaves = 8;  // resident blocks per SM the grid aims for
+
+template <class T>
+struct Conv;
+template <>
+struct Conv<float> {
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Conv<__half> {
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+
+// Four elements as one aligned access (16 bytes for float, 8 for 16-bit types).
+template <class T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+__device__ __forceinline__ int64_t address(const Geometry& g, int64_t b, int64_t j) {
+  return b * g.P + (g.channels_last ? (j % g.HW) * g.C + j / g.HW : j);
+}
+
+template <class T>
+__device__ __forceinline__ void load4(const T* __restrict__ p, const Geometry& g, int64_t b, int64_t j, bool vec,
+                                      float v[4]) {
+  if (vec) {
+    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p + b * g.P + j);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = Conv<T>::to(pk.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = j + k < g.P ? Conv<T>::to(p[address(g, b, j + k)]) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store4(T* __restrict__ p, const Geometry& g, int64_t b, int64_t j, bool vec,
+                                       const float v[4]) {
+  if (vec) {
+    Pack4<T> pk;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) pk.v[k] = Conv<T>::from(v[k]);
+    *reinterpret_cast<Pack4<T>*>(p + b * g.P + j) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (j + k < g.P) p[address(g, b, j + k)] = Conv<T>::from(v[k]);
+  }
+}
+
+// Noise of logical elements j .. j+3 of sample b (noise contract; DESIGN 2.1).
+__device__ __forceinline__ void noise4(const Noise& nz, const Geometry& g, int64_t b, int64_t j, bool vec,
+                                       float n[4]) {
+  if (nz.explicit_noise) {
+    load4(nz.explicit_noise, g, b, j, vec, n);
+    return;
+  }
+  const int64_t row = nz.per_sample ? b : 0;
+  const uint64_t seed = static_cast<uint64_t>(nz.rng[2 * row]);
+  const uint64_t off = static_cast<uint64_t>(nz.rng[2 * row + 1]);
+  const int64_t i0 = (nz.per_sample ? 0 : b * g.P) + j;
+  const uint64_t c = off + static_cast<uint64_t>(i0 / 4);
+  const int s = static_cast<int>(i0 & 3);
+  if (s == 0) {
+    randn4(seed, c, n);
+  } else {  // a shared row and a sample size not divisible by 4: the group straddles two counters
+    float lo[4], hi[4];
+    randn4(seed, c, lo);
+    randn4(seed, c + 1, hi);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) n[k] = s + k < 4 ? lo[s + k] : hi[s + k - 4];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+#define FDM_SAMPLES for (int64_t b = blockIdx.y; b < g.B; b += gridDim.y)
+#define FDM_GROUPS                                                                                  \
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < (g.P + 3) / 4; \
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// ------------------------------------------------------------------------------------------------
+
+template <class TY, class TO>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs a, bool vec) {
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    const float s = a.sigma[b], cin = c_in(a.sp, s);
+    FDM_GROUPS {
+      const int64_t j = 4 * q;
+      float y[4], n[4], x[4], o[4];
+      load4(static_cast<const TY*>(a.y), g, b, j, vec, y);
+      noise4(a.noise, g, b, j, vec, n);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        x[k] = y[k] + s * n[k];
+        o[k] = cin * x[k];
+      }
+      store4(static_cast<TO*>(a.net_in), g, b, j, vec, o);
+      if (a.x) store4(a.x, g, b, j, vec, x);
+    }
+  }
+}
+
+template <class TF, class TY>
+__device__ __forceinline__ void loss_diff4(const LossArgs& a, const Coeffs& c, float s, int64_t b, int64_t j,
+                                           bool vec, float d[4]) {
+  float y[4], f[4], n[4];
+  load4(static_cast<const TY*>(a.y), a.g, b, j, vec, y);
+  load4(static_cast<const TF*>(a.F), a.g, b, j, vec, f);
+  noise4(a.noise, a.g, b, j, vec, n);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) d[k] = j + k < a.g.P ? c.c_skip * (y[k] + s * n[k]) + c.c_out * f[k] - y[k] : 0.0f;
+}
+
+template <class TF, class TY>
+__global__ void __launch_bounds__(kThreads) loss_fwd_kernel(LossArgs a, bool vec) {
+  __shared__ float warp_sums[kThreads / 32];
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    const float s = a.sigma[b];
+    const Coeffs c = coefficients(a.sp, s);
+    const float w = fminf(c.weight, a.clamp[0]);
+    const float gscale = w * 2.0f * c.c_out;
+    float acc = 0.0f;
+    FDM_GROUPS {
+      float d[4];
+      loss_diff4<TF, TY>(a, c, s, b, 4 * q, vec, d);
+      acc += d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + d[3] * d[3];
+      if (a.G) {  // the unscaled gradient, so the backward is a scale (no second noise pass)
+        float gr[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gr[k] = gscale * d[k];
+        store4(static_cast<TF*>(a.G), g, b, 4 * q, vec, gr);
+      }
+    }
+    acc = warp_sum(acc);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+      float v = lane < kThreads / 32 ? warp_sums[lane] : 0.0f;
+      v = warp_sum(v);
+      if (lane == 0) a.partial[b * a.parts + blockIdx.x] = w * v;
+    }
+    __syncthreads();
+  }
+}
+
+template <class TF, class TY>
+__global__ void __launch_bounds__(kThreads) loss_bwd_kernel(LossArgs a, bool vec) {
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    const float s = a.sigma[b];
+    const Coeffs c = coefficients(a.sp, s);
+    const float scale = a.grad[b] * fminf(c.weight, a.clamp[0]) * 2.0f * c.c_out;
+    FDM_GROUPS {
+      float d[4];
+      loss_diff4<TF, TY>(a, c, s, b, 4 * q, vec, d);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[k] *= scale;
+      store4(static_cast<TF*>(a.dF), g, b, 4 * q, vec, d);
+    }
+  }
+}
+
+template <class TF>
+__global__ void __launch_bounds__(kThreads) scale_grad_kernel(LossArgs a, bool vec) {
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    const float gs = a.grad[b];
+    FDM_GROUPS {
+      float v[4];
+      load4(static_cast<const TF*>(a.F), g, b, 4 * q, vec, v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] *= gs;
+      store4(static_cast<TF*>(a.dF), g, b, 4 * q, vec, v);
+    }
+  }
+}
+
+template <class TO>
+__global__ void __launch_bounds__(kThreads) churn_kernel(ChurnArgs a, bool vec) {
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    const float t = a.t_cur[b], th = a.t_hat[b];
+    const float scale = sqrtf(fmaxf(th * th - t * t, 0.0f)) * a.S_noise, cin = c_in(a.sp, th);
+    FDM_GROUPS {
+      const int64_t j = 4 * q;
+      float x[4], n[4], o[4];
+      load4(a.x, g, b, j, vec, x);
+      noise4(a.noise, g, b, j, vec, n);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        x[k] += scale * n[k];
+        o[k] = cin * x[k];
+      }
+      store4(a.x_out, g, b, j, vec, x);
+      store4(static_cast<TO*>(a.net_in), g, b, j, vec, o);
+    }
+  }
+}
+
+template <class TF, class TO>
+__global__ void __launch_bounds__(kThreads) euler_kernel(EulerArgs a, bool vec) {
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    const float t = a.t_cur[b], tn = a.t_next[b], h = tn - t;
+    const Coeffs c = coefficients(a.sp, t);
+    const float cin = c_in(a.sp, tn);
+    FDM_GROUPS {
+      const int64_t j = 4 * q;
+      float x[4], f[4], d[4], o[4];
+      load4(a.x, g, b, j, vec, x);
+      load4(static_cast<const TF*>(a.F), g, b, j, vec, f);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        d[k] = (x[k] - (c.c_skip * x[k] + c.c_out * f[k])) / t;
+        x[k] += h * d[k];
+        o[k] = cin * x[k];
+      }
+      store4(a.d_out, g, b, j, vec, d);
+      store4(a.x_out, g, b, j, vec, x);
+      store4(static_cast<TO*>(a.net_in), g, b, j, vec, o);
+    }
+  }
+}
+
+template <class TF, class TO>
+__global__ void __launch_bounds__(kThreads) heun_kernel(HeunArgs a, bool vec) {
+  const Geometry& g = a.g;
+  const bool churning = a.t_hat_next != nullptr;
+  FDM_SAMPLES {
+    const float t = a.t_cur[b], tn = a.t_next[b], h = tn - t;
+    const Coeffs c = coefficients(a.sp, tn);
+    const float t_out = churning ? a.t_hat_next[b] : tn;
+    const float scale = churning ? sqrtf(fmaxf(t_out * t_out - tn * tn, 0.0f)) * a.S_noise : 0.0f;
+    const float cin = c_in(a.sp, t_out);
+    FDM_GROUPS {
+      const int64_t j = 4 * q;
+      float x[4], d[4], f[4], n[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4];
+      load4(a.x, g, b, j, vec, x);
+      load4(a.d, g, b, j, vec, d);
+      load4(static_cast<const TF*>(a.F), g, b, j, vec, f);
+      if (churning) noise4(a.noise, g, b, j, vec, n);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float xe = x[k] + h * d[k];
+        const float d2 = (xe - (c.c_skip * xe + c.c_out * f[k])) / tn;
+        x[k] = x[k] + h * (0.5f * d[k] + 0.5f * d2) + scale * n[k];
+        o[k] = cin * x[k];
+      }
+      store4(a.x_out, g, b, j, vec, x);
+      store4(static_cast<TO*>(a.net_in), g, b, j, vec, o);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) randn_kernel(RandnArgs a, bool vec) {
+  const Geometry& g = a.g;
+  FDM_SAMPLES {
+    FDM_GROUPS {
+      float n[4];
+      noise4(a.noise, g, b, 4 * q, vec, n);
+      store4(a.out, g, b, 4 * q, vec, n);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side.
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("fdm_fast CUDA ") + what + ": " + cudaGetErrorString(e));
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return sms > 0 ? sms : 1;
+}
+
+dim3 grid_for(const Geometry& g) {
+  const int64_t groups = (g.P + 3) / 4;
+  const int64_t gy = g.B < 65535 ? g.B : 65535;
+  const int64_t target = static_cast<int64_t>(sm_count()) * kWaves;  // blocks in flight we aim for
+  int64_t gx = (groups + kThreads - 1) / kThreads;
+  const int64_t per_sample = (target + gy - 1) / gy;
+  if (gx > per_sample) gx = per_sample;
+  if (gx < 1) gx = 1;
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int size_of(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// Wide accesses: contiguous, whole groups, and every pointer aligned to 4 elements.
+bool wide(const Geometry& g, std::initializer_list<std::pair<const void*, int>> ptrs) {
+  if (g.channels_last || g.P % 4 != 0) return false;
+  for (const auto& p : ptrs)
+    if (!aligned(p.first, 4 * p.second)) return false;
+  return true;
+}
+
+#define FDM_CASE(ENUM, TYPE, NAME, ...) \
+  case DType::ENUM: {                   \
+    using NAME = TYPE;                  \
+    __VA_ARGS__();                      \
+    break;                              \
+  }
+#define FDM_DISPATCH(DT, NAME, ...)                      \
+  switch (DT) {                                          \
+    FDM_CASE(F32, float, NAME, __VA_ARGS__)              \
+    FDM_CASE(BF16, __nv_bfloat16, NAME, __VA_ARGS__)     \
+    FDM_CASE(F16, __half, NAME, __VA_ARGS__)             \
+  }
+
+cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+}  // namespace
+
+int64_t loss_parts(const Geometry& g) { return grid_for(g).x; }
+
+void perturb(const PerturbArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.y, size_of(a.y_t)}, {a.net_in, size_of(a.net_t)}, {a.x, 4},
+                              {a.noise.explicit_noise, 4}});
+  FDM_DISPATCH(a.y_t, TY, [&] {
+    FDM_DISPATCH(a.net_t, TO, [&] {
+      perturb_kernel<TY, TO><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec);
+    });
+  });
+  check(cudaGetLastError(), "perturb launch");
+}
+
+void loss_fwd(const LossArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.F, size_of(a.F_t)}, {a.y, size_of(a.y_t)}, {a.G, size_of(a.F_t)},
+                              {a.noise.explicit_noise, 4}});
+  const dim3 grid = grid_for(a.g);
+  if (static_cast<int64_t>(grid.x) != a.parts) throw std::runtime_error("fdm_fast CUDA loss_fwd: partial-sum buffer "
+                                                                        "does not match the grid");
+  FDM_DISPATCH(a.F_t, TF, [&] {
+    FDM_DISPATCH(a.y_t, TY, [&] { loss_fwd_kernel<TF, TY><<<grid, kThreads, 0, as_stream(stream)>>>(a, vec); });
+  });
+  check(cudaGetLastError(), "loss_fwd launch");
+}
+
+void loss_bwd(const LossArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.F, size_of(a.F_t)}, {a.y, size_of(a.y_t)}, {a.dF, size_of(a.F_t)},
+                              {a.noise.explicit_noise, 4}});
+  FDM_DISPATCH(a.F_t, TF, [&] {
+    FDM_DISPATCH(a.y_t, TY, [&] {
+      loss_bwd_kernel<TF, TY><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec);
+    });
+  });
+  check(cudaGetLastError(), "loss_bwd launch");
+}
+
+void scale_grad(const LossArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.F, size_of(a.F_t)}, {a.dF, size_of(a.F_t)}});
+  FDM_DISPATCH(a.F_t, TF, [&] { scale_grad_kernel<TF><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec); });
+  check(cudaGetLastError(), "scale_grad launch");
+}
+
+void churn(const ChurnArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.x, 4}, {a.x_out, 4}, {a.net_in, size_of(a.net_t)}, {a.noise.explicit_noise, 4}});
+  FDM_DISPATCH(a.net_t, TO, [&] { churn_kernel<TO><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec); });
+  check(cudaGetLastError(), "churn launch");
+}
+
+void euler_step(const EulerArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.x, 4}, {a.F, size_of(a.F_t)}, {a.x_out, 4}, {a.d_out, 4},
+                              {a.net_in, size_of(a.net_t)}});
+  FDM_DISPATCH(a.F_t, TF, [&] {
+    FDM_DISPATCH(a.net_t, TO, [&] {
+      euler_kernel<TF, TO><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec);
+    });
+  });
+  check(cudaGetLastError(), "euler_step launch");
+}
+
+void heun_step(const HeunArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.x, 4}, {a.d, 4}, {a.F, size_of(a.F_t)}, {a.x_out, 4},
+                              {a.net_in, size_of(a.net_t)}, {a.noise.explicit_noise, 4}});
+  FDM_DISPATCH(a.F_t, TF, [&] {
+    FDM_DISPATCH(a.net_t, TO, [&] {
+      heun_kernel<TF, TO><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec);
+    });
+  });
+  check(cudaGetLastError(), "heun_step launch");
+}
+
+void randn(const RandnArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.out, 4}});
+  randn_kernel<<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec);
+  check(cudaGetLastError(), "randn launch");
+}
+
+}  // namespace cuda
+}  // namespace fdm
