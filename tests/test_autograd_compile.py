@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, requires_gpu
+from conftest import HAS_CUDA, assert_close, requires_cpu_ext, requires_cuda_ext, requires_gpu
 from fdm_fast import ops, schedules
 from fdm_fast.ops import reference
 
@@ -140,3 +140,13 @@ if not HAS_CUDA:
     # Why no CPU compile test of the Triton backend: dynamo cannot trace Triton ops that run in the
     # interpreter (torch.library.triton_op fails at the fake-tensor call on CPU tensors).
     pass
+
+
+@requires_cpu_ext
+def test_torch_compile_fullgraph_cpu_backend():
+    _check_compiled("cpu", torch.device("cpu"))
+
+
+@requires_cuda_ext
+def test_torch_compile_fullgraph_cuda_backend():
+    _check_compiled("cuda", torch.device("cuda"))

@@ -23,7 +23,7 @@ import torch
 from ..schedules import Precond
 from . import _validate as V
 from . import reference
-from ._backends import BACKENDS, available_backends, select, triton_module, unavailable_reason
+from ._backends import BACKENDS, available_backends, loaded_extension, select, triton_module
 from ._validate import set_value_checks
 
 __all__ = ["perturb", "denoise_loss", "churn", "euler_step", "heun_step", "randn", "available_backends",
@@ -49,9 +49,7 @@ def _noise_arg(noise, like, like_name, backend, fmt):
 
 def _ext_call(backend: str, name: str, *args):
     """Run a compiled op (``cpu`` / ``cuda`` backends; the device picks the kernel)."""
-    from ._backends import extension
-    ext, _ = extension()
-    return ext.call(name, *args)
+    return loaded_extension().call(name, *args)
 
 
 # ----------------------------------------------------------------------------------------------

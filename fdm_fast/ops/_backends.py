@@ -7,7 +7,6 @@ default. Asking for a backend that is not available is an error, never a silent 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -19,29 +18,37 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 ENV_VAR = "FDM_FAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+# Loaded modules, kept in plain module globals: torch.compile reads these while tracing an op call
+# (it cannot trace importlib), and every load happens eagerly inside the constant-folded `select`.
+_LOADED: dict = {}
+_WHY: dict = {}
+
+
 def _triton_modules():
     """(perturb, loss, sampler) Triton modules, or the reason they cannot be loaded."""
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return None, f"Triton is not importable ({type(e).__name__}: {e})"
-    try:
-        mods = tuple(importlib.import_module(f"fdm_fast.ops.{m}") for m in ("triton_perturb", "triton_loss",
-                                                                             "triton_sampler"))
-    except Exception as e:
-        return None, f"the Triton kernels failed to load ({type(e).__name__}: {e})"
-    return mods, ""
+    if "triton" not in _LOADED and "triton" not in _WHY:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install
+            _WHY["triton"] = f"Triton is not importable ({type(e).__name__}: {e})"
+        else:
+            try:
+                _LOADED["triton"] = tuple(importlib.import_module(f"fdm_fast.ops.{m}")
+                                          for m in ("triton_perturb", "triton_loss", "triton_sampler"))
+            except Exception as e:
+                _WHY["triton"] = f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+    return _LOADED.get("triton"), _WHY.get("triton", "")
 
 
-@functools.lru_cache(maxsize=None)
 def extension() -> tuple[Optional[ModuleType], str]:
     """``fdm_fast.ops.extension`` (the loaded ``fdm_fast._C``) and the reason when it is missing."""
-    try:
-        return importlib.import_module("fdm_fast.ops.extension"), ""
-    except Exception as e:
-        return None, (f"the compiled extension fdm_fast._C is not built ({type(e).__name__}: {e}); "
-                      "build it with `pip install --no-build-isolation -e .` on a machine with a C++ compiler")
+    if "ext" not in _LOADED and "ext" not in _WHY:
+        try:
+            _LOADED["ext"] = importlib.import_module("fdm_fast.ops.extension")
+        except Exception as e:
+            _WHY["ext"] = (f"the compiled extension fdm_fast._C is not built ({type(e).__name__}: {e}); "
+                           "build it with `pip install --no-build-isolation -e .` on a machine with a C++ compiler")
+    return _LOADED.get("ext"), _WHY.get("ext", "")
 
 
 def _interpreter() -> bool:
@@ -85,9 +92,15 @@ def available_backends(device=None) -> list[str]:
 
 def select(device: torch.device, backend: Optional[str] = None) -> str:
     """The backend an op on ``device`` runs on: explicit > $FDM_FAST_BACKEND > default order."""
+    return _select(device.type, backend, os.environ.get(ENV_VAR) or None)
+
+
+@torch.compiler.assume_constant_result  # evaluated eagerly when torch.compile traces an op call
+def _select(device_type: str, backend: Optional[str], env: Optional[str]) -> str:
+    device = torch.device(device_type)
     asked, source = backend, "backend"
-    if asked is None and os.environ.get(ENV_VAR):
-        asked, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    if asked is None and env:
+        asked, source = env, f"${ENV_VAR}"
     if asked is not None:
         if not isinstance(asked, str) or asked not in BACKENDS:
             raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {asked!r}")
@@ -103,7 +116,18 @@ def select(device: torch.device, backend: Optional[str] = None) -> str:
 
 
 def triton_module(name: str) -> ModuleType:
-    mods, why = _triton_modules()
+    mods = _LOADED.get("triton")
     if mods is None:
-        raise RuntimeError(why)
-    return dict(zip(("perturb", "loss", "sampler"), mods))[name]
+        mods, why = _triton_modules()
+        if mods is None:
+            raise RuntimeError(why)
+    return mods[("perturb", "loss", "sampler").index(name)]
+
+
+def loaded_extension() -> ModuleType:
+    ext = _LOADED.get("ext")
+    if ext is None:
+        ext, why = extension()
+        if ext is None:
+            raise RuntimeError(why)
+    return ext

@@ -1,0 +1,110 @@
+"""The compiled extension fdm_fast._C at its own boundary: clear Python errors (never a crash) for bad
+input sent straight to torch.ops.fdm_fast_ext, the regenerating loss backward, and both CPU noise paths."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DEVICE, assert_close, requires_cpu_ext
+from fdm_fast import ops, schedules
+
+pytestmark = requires_cpu_ext
+
+SPEC = list(schedules.get_precond("fdm_edm").kernel_spec())
+SPEC[2] = list(SPEC[2])
+y = torch.randn(2, 3, 8, 8)
+sigma = torch.ones(2)
+rng = torch.tensor([[1, 0]])
+
+
+def ext():
+    return torch.ops.fdm_fast_ext
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ext().perturb(y.long(), sigma, rng, None, *SPEC, torch.float32, False), TypeError,
+     r"y: expected float32, bfloat16 or float16, got Long"),
+    (lambda: ext().perturb(y, torch.ones(3), rng, None, *SPEC, torch.float32, False), ValueError,
+     r"sigma: expected a contiguous \[2\] tensor \(one value per sample\), got shape \[3\]"),
+    (lambda: ext().perturb(y, sigma.double(), rng, None, *SPEC, torch.float32, False), TypeError,
+     r"sigma: expected a float32 tensor"),
+    (lambda: ext().perturb(y, sigma, torch.tensor([1, 0]), None, *SPEC, torch.float32, False), ValueError,
+     r"rng: expected a contiguous \[1, 2\] or \[2, 2\] tensor"),
+    (lambda: ext().perturb(y, sigma, rng.int(), None, *SPEC, torch.float32, False), TypeError, r"rng: expected int64"),
+    (lambda: ext().perturb(y, sigma, rng, torch.randn(2, 3, 8), *SPEC, torch.float32, False), ValueError,
+     r"noise: expected shape"),
+    (lambda: ext().perturb(y, sigma, rng, None, 7, True, SPEC[2], torch.float32, False), ValueError,
+     r"kind: expected 0 \(vp\), 1 \(ve\) or 2 \(edm\), got 7"),
+    (lambda: ext().perturb(y, sigma, rng, None, 2, True, [1.0], torch.float32, False), ValueError,
+     r"params: expected the 8 floats"),
+    (lambda: ext().perturb(y.transpose(2, 3), sigma, rng, None, *SPEC, torch.float32, False), ValueError,
+     r"y: expected a contiguous or channels_last tensor"),
+    (lambda: ext().perturb(y, sigma, rng, None, *SPEC, torch.int8, False), TypeError, r"out_dtype: expected"),
+    (lambda: ext().loss_fwd(y, y[:1], sigma, rng, None, torch.ones(1), *SPEC, False), ValueError,
+     r"y: expected shape \[2, 3, 8, 8\] \(the shape of F\)"),
+    (lambda: ext().loss_fwd(y, y.contiguous(memory_format=torch.channels_last), sigma, rng, None, torch.ones(1),
+                            *SPEC, False), ValueError, r"y: expected the memory layout of F"),
+    (lambda: ext().loss_fwd(y, y, sigma, rng, None, torch.ones(2), *SPEC, False), ValueError, r"clamp: expected one"),
+    (lambda: ext().euler_step(y.half(), y, sigma, sigma, *SPEC, torch.float32), TypeError,
+     r"x: expected float32 \(sampler state\)"),
+    (lambda: ext().heun_step(y, y, y, sigma, sigma, torch.ones(5), rng, None, 1.0, *SPEC, torch.float32), ValueError,
+     r"t_hat_next: expected a contiguous \[2\] tensor"),
+    (lambda: ext().randn([0, 3], rng), ValueError, r"shape: expected a non-empty shape"),
+    (lambda: ext().scale_grad(torch.empty(0, 3), torch.ones(0)), ValueError, r"G: expected a batch"),
+])
+def test_bad_input_raises_a_python_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_regenerating_backward_op_matches_reference(poison):
+    # loss_bwd regenerates the noise instead of reading the forward's saved gradient.
+    p = schedules.get_precond("fdm_ve")
+    F, yy = torch.randn(5, 3, 17, 19), torch.randn(5, 3, 17, 19)
+    s = torch.exp(torch.randn(5)).float()
+    grad = torch.rand(5) + 0.5
+    r = torch.tensor([[123, 4]])
+    kind, fdm, params = p.kernel_spec()
+    clamp = torch.tensor([30.0])
+    dF = ext().loss_bwd(grad, F, yy, s, r, None, clamp, kind, fdm, list(params))
+    want = ops.reference.denoise_loss_backward(grad.double(), F.double(), yy.double(), s.double(), p, r, None,
+                                               clamp.double())
+    eager = ops.reference.denoise_loss_backward(grad, F, yy, s, p, r, None, clamp)
+    assert_close("dF", dF, want, eager)
+    # ... and agrees with the saved-gradient backward of the public op
+    Fg = F.clone().requires_grad_(True)
+    ops.denoise_loss(Fg, yy, s, p, seed=123, offset=4, clamp=30.0, reduction="none", backend="cpu").backward(grad)
+    torch.testing.assert_close(Fg.grad, dF, rtol=1e-6, atol=1e-6)
+
+
+def test_portable_noise_path_matches_avx512_path():
+    # FDM_FAST_CPU_NO_AVX512=1 forces the compiler-vectorised Philox; both must give the contract's noise.
+    code = ("import torch; from fdm_fast import ops; "
+            "n = ops.randn((3, 3, 17, 19), seed=2**40 + 5, offset=2**32 - 7, backend='cpu'); "
+            "torch.save(n, __import__('sys').argv[1])")
+    out = {}
+    for flag in ("0", "1"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fdm_noise_{os.getpid()}_{flag}.pt")
+        env = dict(os.environ, FDM_FAST_CPU_NO_AVX512=flag)
+        subprocess.run([sys.executable, "-c", code, path], check=True, env=env)
+        out[flag] = torch.load(path)
+        os.unlink(path)
+    ref = ops.randn((3, 3, 17, 19), seed=2**40 + 5, offset=2**32 - 7, backend="torch")
+    assert torch.equal(out["0"], out["1"])
+    assert (out["0"] - ref).abs().max().item() <= 1e-5
+
+
+def test_meta_kernels_give_shapes_and_layouts():
+    m = torch.empty(4, 3, 8, 8, device="meta").contiguous(memory_format=torch.channels_last)
+    s, r = torch.empty(4, device="meta"), torch.empty(1, 2, dtype=torch.int64, device="meta")
+    net_in, x = ext().perturb(m, s, r, None, *SPEC, torch.bfloat16, True)
+    assert net_in.dtype == torch.bfloat16 and net_in.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == m.shape and x.dtype == torch.float32
+    loss, G = ext().loss_fwd(m, m, s, r, None, torch.empty(1, device="meta"), *SPEC, True)
+    assert loss.shape == (4,) and G.shape == m.shape
+    assert math.prod(ext().randn([2, 5], r).shape) == 10
+    assert DEVICE.type in ("cpu", "cuda")
