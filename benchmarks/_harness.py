@@ -118,13 +118,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
     return 2 * nbytes / t
 
 
-def append_results(title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> None:
+def append_results(title: str, header: list[str], rows: list[list[str]], notes: list[str], path=None) -> None:
     date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [f"\n## {title} ({date})\n", *[f"{n}  " for n in notes], "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if not RESULTS.exists():
-        RESULTS.write_text("# Measured results\n\nEvery number here was measured by a script in this folder; "
+    path = Path(path) if path else RESULTS
+    if not path.exists():
+        path.write_text("# Measured results\n\nEvery number here was measured by a script in this folder; "
                            "each section names its machine (the card for GPU numbers), date and command.\n")
-    with RESULTS.open("a") as f:
+    with path.open("a") as f:
         f.write("\n".join(lines) + "\n")

@@ -211,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 50 on GPU, 5 on CPU)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="append the rows to this file instead of benchmarks/RESULTS.md (gpu_check.sh uses it)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -270,8 +272,8 @@ def main(argv=None):
              f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s; precond fdm_edm; bytes per op: "
              + "; ".join(f"{o.name}: {o.doc}" for o in (OPS[n] for n in args.ops))]
     if not args.no_results:
-        append_results("ops_bandwidth", header, rows, notes)
-        print(f"appended {len(rows)} rows to benchmarks/RESULTS.md")
+        append_results("ops_bandwidth", header, rows, notes, path=args.results)
+        print(f"appended {len(rows)} rows to {args.results or 'benchmarks/RESULTS.md'}")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, copy_bw=bw, rows=records), indent=1))
 

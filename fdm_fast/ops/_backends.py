@@ -66,7 +66,7 @@ def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> s
         if device is None:
             return "" if torch.cuda.is_available() or _interpreter() else "no CUDA device and TRITON_INTERPRET is not set"
         if device.type == "cuda":
-            return ""
+            return "" if torch.cuda.is_available() else "no CUDA device is visible"
         if device.type == "cpu":
             return "" if _interpreter() else "Triton runs CPU tensors only under TRITON_INTERPRET=1 (the interpreter)"
         return f"Triton does not run on {device.type} tensors"

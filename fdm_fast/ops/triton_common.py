@@ -51,7 +51,17 @@ def coefficients(s, KIND: tl.constexpr, FDM: tl.constexpr, sd, smin, smax, m, fb
 
 @triton.jit
 def c_in_only(s, KIND: tl.constexpr, FDM: tl.constexpr, sd, smin, smax, m, fbm, fbd):
-    _, _, c_in, _ = coefficients(s, KIND, FDM, sd, smin, smax, m, fbm, fbd)
+    """c_in alone (the same formulas as `coefficients`; valid at s = 0, the sampler's last level)."""
+    if FDM:
+        tau = (s - smin) / (smax - smin)
+        mb = m * (fbm * tau + 0.5 * fbd * tau * tau)
+        c_in = tl.exp(-mb) * (1.0 + mb)
+    elif KIND == 0:
+        c_in = 1.0 / tl.sqrt_rn(s * s + 1.0)
+    elif KIND == 1:
+        c_in = s * 0.0 + 1.0
+    else:
+        c_in = 1.0 / tl.sqrt_rn(s * s + sd * sd)
     return c_in
 
 
