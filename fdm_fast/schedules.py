@@ -97,6 +97,11 @@ class Precond:
         """Draw the training noise levels of a batch of ``n`` samples."""
         raise NotImplementedError
 
+    def sigma_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """The training sigma as a function of one uniform u in (0, 1) per sample (inverse CDF), so that
+        a sample's sigma can be a pure function of its own key (see fdm_fast.loss.sample_uniforms)."""
+        raise NotImplementedError
+
     def _kernel_base_params(self) -> tuple:
         return (0.0, 0.0, 0.0)
 
@@ -166,8 +171,10 @@ class VPPrecond(Precond):
 
     def sample_sigma(self, n, *, generator=None, device="cpu", dtype=torch.float32):
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        t = 1 + u * (self.epsilon_t - 1)
-        return vp_sigma(t, self.beta_d, self.beta_min).to(dtype)
+        return self.sigma_from_uniform(u).to(dtype)
+
+    def sigma_from_uniform(self, u):
+        return vp_sigma(1 + u * (self.epsilon_t - 1), self.beta_d, self.beta_min)
 
     def _kernel_base_params(self):
         return (0.0, self.beta_d, self.beta_min)
@@ -199,7 +206,10 @@ class VEPrecond(Precond):
 
     def sample_sigma(self, n, *, generator=None, device="cpu", dtype=torch.float32):
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        return (self.sigma_min * (self.sigma_max / self.sigma_min) ** u).to(dtype)
+        return self.sigma_from_uniform(u).to(dtype)
+
+    def sigma_from_uniform(self, u):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
 
 
 @dataclass(frozen=True)
@@ -236,6 +246,10 @@ class EDMPrecond(Precond):
     def sample_sigma(self, n, *, generator=None, device="cpu", dtype=torch.float32):
         rnd = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
         return (rnd * self.P_std + self.P_mean).exp().to(dtype)
+
+    def sigma_from_uniform(self, u):
+        rnd = math.sqrt(2) * torch.special.erfinv(2 * u.to(torch.float64) - 1)  # standard normal quantile
+        return (rnd * self.P_std + self.P_mean).exp()
 
     def _kernel_base_params(self):
         return (self.sigma_data, 0.0, 0.0)

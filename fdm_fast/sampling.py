@@ -1,0 +1,70 @@
+"""Samplers on the fused step ops (DESIGN.md 1.3): EDM's Heun (deterministic or with churn) and Euler.
+
+Sampler state is float32; the network runs in ``net_dtype``. Noise comes from the noise contract
+keyed by each image's own seed (per-sample seeds), so an image depends on its seed only, never on
+the batch it was drawn in: the initial noise at offset 0, the churn noise of step i at offset
+(i + 1) * ceil(P / 4) (P = elements per image), disjoint counter ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .schedules import edm_time_steps
+
+
+def _gammas(t: torch.Tensor, num_steps: int, S_churn: float, S_min: float, S_max: float) -> list:
+    g = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
+    return [g if S_min <= float(t[i]) <= S_max else 0.0 for i in range(num_steps)]
+
+
+@torch.no_grad()
+def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_steps: int = 18,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0,
+                S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0, heun: bool = True,
+                class_labels: Optional[torch.Tensor] = None, net_dtype: torch.dtype = torch.float32,
+                device=None, backend: Optional[str] = None) -> torch.Tensor:
+    """Images [len(seeds), C, H, W] (float32, about [-1, 1]) from ``denoiser`` (a ``nn.Denoiser`` or any
+    object with ``precond``, ``img_channels``, ``img_resolution`` and ``raw(net_in, sigma, labels)``).
+
+    ``heun=False`` gives Euler (NFE = num_steps); Heun has NFE = 2 num_steps - 1.
+    """
+    device = torch.device(device) if device is not None else next(denoiser.parameters()).device
+    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+    B = seeds.numel()
+    shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    per = math.prod(shape[1:])
+    stride = (per + 3) // 4  # counters one image's noise uses
+    p = denoiser.precond
+    t = edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=p,
+                       dtype=torch.float64)
+    gam = _gammas(t, num_steps, S_churn, S_min, S_max)
+    ts = [float(v) for v in t]
+    kw = dict(net_dtype=net_dtype, backend=backend)
+
+    x = ts[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend)
+    t_hat = ts[0] * (1 + gam[0])
+    x_hat, net_in = ops.churn(x, ts[0], t_hat, p, seed=seeds, offset=stride, S_noise=S_noise, **kw)
+    for i in range(num_steps):
+        t_next = ts[i + 1]
+        F = denoiser.raw(net_in, torch.full((B,), t_hat, device=device), class_labels)
+        x_eul, d, net_in = ops.euler_step(x_hat, F, t_hat, t_next, p, **kw)
+        if i == num_steps - 1:
+            return x_eul
+        t_hat_next = t_next * (1 + gam[i + 1])
+        churn_next = dict(t_hat_next=t_hat_next, seed=seeds, offset=(i + 2) * stride, S_noise=S_noise) \
+            if gam[i + 1] > 0 else {}
+        if heun:
+            F2 = denoiser.raw(net_in, torch.full((B,), t_next, device=device), class_labels)
+            x_hat, net_in = ops.heun_step(x_hat, d, F2, t_hat, t_next, p, **churn_next, **kw)
+        elif churn_next:
+            x_hat, net_in = ops.churn(x_eul, t_next, t_hat_next, p, seed=seeds, offset=(i + 2) * stride,
+                                      S_noise=S_noise, **kw)
+        else:
+            x_hat = x_eul
+        t_hat = t_hat_next if churn_next else t_next
+    return x_hat

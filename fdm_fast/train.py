@@ -1,0 +1,514 @@
+"""Train VP / VE / EDM models and their FDM variants: ``python -m fdm_fast.train --ds digits``.
+
+The loop follows EDM's training_loop (Adam with lr ramp-up, non-finite gradients zeroed, EMA with a
+half-life and ramp-up) on fdm_fast's fused ops: perturb -> SongUNet -> fused denoising loss, the FDM
+loss-weight warm-up driven by the optimizer step. Checkpoints are written atomically (temporary
+file, then rename), the last K kept, and ``--resume auto`` continues the newest one exactly: model,
+EMA, optimizer, step, data order, RNG and warm-up. Network snapshots (``network-snapshot-*.pt``)
+hold the EMA weights and the config, load with ``torch.load(weights_only=True)``, and come with a
+grid of samples (EDM Heun on the fused step ops).
+
+Several GPUs or nodes: ``torchrun --nproc_per_node=N -m fdm_fast.train ...`` (DDP; NCCL on GPUs,
+gloo on CPUs); each rank draws its own data shard and noise, rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import ops
+from .data import DatasetError, open_dataset
+from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
+from .nn import build_denoiser, count_parameters
+from .sampling import edm_sampler
+from .schedules import PRECONDS
+
+# Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
+# network for the embedded digits that trains to recognisable samples in minutes on a 2-core CPU.
+RECIPES = {
+    "cifar10": dict(batch=512, lr=1e-3, dropout=0.13, augment=0.12, ema=0.5, lr_rampup=10.0, duration=200.0,
+                    channel_mult=(2, 2, 2), warmup_edm=200, xflip=False),
+    "ffhq": dict(batch=256, lr=2e-4, dropout=0.05, augment=0.15, ema=0.5, lr_rampup=10.0, duration=200.0,
+                 channel_mult=(1, 2, 2, 2), warmup_edm=800, xflip=True),
+    "afhqv2": dict(batch=256, lr=2e-4, dropout=0.25, augment=0.15, ema=0.5, lr_rampup=10.0, duration=200.0,
+                   channel_mult=(1, 2, 2, 2), warmup_edm=400, xflip=True),
+    "digits": dict(batch=64, lr=2e-3, dropout=0.0, augment=0.0, ema=0.01, lr_rampup=0.001, duration=0.2,
+                   channel_mult=(1, 2, 2), warmup_edm=400, xflip=False,
+                   network=dict(model_channels=32, num_blocks=2, attn_resolutions=(8,))),
+    "custom": dict(batch=512, lr=1e-3, dropout=0.13, augment=0.0, ema=0.5, lr_rampup=10.0, duration=200.0,
+                   channel_mult=None, warmup_edm=400, xflip=False),
+}
+
+
+@dataclasses.dataclass
+class Options:
+    ds: str
+    data: Optional[str]
+    outdir: str
+    precond: str
+    arch: str
+    cond: bool
+    kimg: float
+    batch: int
+    batch_gpu: Optional[int]
+    lr: float
+    lr_rampup: float
+    ema: float
+    ema_rampup: float
+    dropout: float
+    augment: float
+    xflip: bool
+    warmup_ite: Optional[int]
+    fdm_multiplier: Optional[float]
+    compile: bool
+    precision: str
+    tf32: bool
+    seed: int
+    resume: Optional[str]
+    tick: float
+    snap: float
+    ckpt: float
+    keep: int
+    grid: int
+    grid_steps: int
+    resolution: Optional[int]
+    backend: Optional[str]
+    channel_mult: Optional[tuple]
+    network: dict
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m fdm_fast.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, epilog="""examples:
+  python -m fdm_fast.train --ds digits                               # embedded data, minutes on a CPU
+  python -m fdm_fast.train --ds cifar10 --precond fdm_vp --dry-run   # print the resolved options
+  torchrun --nproc_per_node=8 -m fdm_fast.train --ds ffhq --precond fdm_edm --batch 256""")
+    a = ap.add_argument
+    a("--ds", default="digits", help="cifar10, ffhq, afhqv2, digits (embedded, no download), or a dataset path "
+                                     "(default: digits)")
+    a("--data", default=None, help="dataset zip or folder (EDM format); default datasets/<name>.zip for the named sets")
+    a("--outdir", default=None, help="run folder for options, stats, checkpoints, snapshots "
+                                     "(default: runs/<ds>-<precond>-<arch>)")
+    a("--precond", default="fdm_edm", choices=PRECONDS, help="preconditioning (default: fdm_edm)")
+    a("--arch", default="ddpmpp", choices=["ddpmpp", "ncsnpp"], help="SongUNet configuration (default: ddpmpp)")
+    a("--cond", action="store_true", help="class-conditional (needs labels: dataset.json, or digits)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
+    g.add_argument("--duration", type=float, default=None, help="training length in millions of images "
+                                                                 "(recipe default: 200 for cifar10/ffhq/afhqv2)")
+    a("--batch", type=int, default=None, help="total batch size over all GPUs (recipe default)")
+    a("--batch-gpu", type=int, default=None, help="per-GPU batch per round; smaller than batch/GPUs means "
+                                                  "gradient accumulation (default: no accumulation)")
+    a("--lr", type=float, default=None, help="Adam learning rate (recipe default)")
+    a("--lr-rampup", type=float, default=None, help="learning-rate ramp-up in Mimg (recipe default: 10)")
+    a("--ema", type=float, default=None, help="EMA half-life in Mimg (recipe default: 0.5)")
+    a("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio: half-life <= ratio x images seen (default 0.05)")
+    a("--dropout", type=float, default=None, help="dropout probability (recipe default)")
+    a("--augment", type=float, default=None, help="non-leaky augmentation probability (recipe default)")
+    a("--xflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips of the data")
+    a("--warmup-ite", type=int, default=None, help="FDM loss-weight warm-up length in optimizer steps "
+                                                   "(default: 200 for fdm_edm on cifar10, 800 on ffhq, else 400)")
+    a("--fdm-multiplier", type=float, default=None, help="FDM's m in c_in = exp(-mB)(1+mB) (default 2, fdm_ve 1)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the network (default: on with CUDA, off on the CPU)")
+    a("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
+      help="network precision: bf16 autocast (default) or fp32; fp16 is refused for FDM (its input underflows)")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs (default on)")
+    a("--seed", type=int, default=0, help="random seed (default 0)")
+    a("--resume", default=None, help="'auto' (newest checkpoint in --outdir, if any) or a checkpoint path")
+    a("--tick", type=float, default=None, help="kimg between progress/stat lines (default: about 1%% of the run)")
+    a("--snap", type=float, default=None, help="kimg between network snapshots + sample grids (default: 10%% of the run)")
+    a("--ckpt", type=float, default=None, help="kimg between training checkpoints (default: = --snap)")
+    a("--keep", type=int, default=3, help="training checkpoints to keep (default 3)")
+    a("--grid", type=int, default=64, help="images in each snapshot's sample grid (default 64)")
+    a("--grid-steps", type=int, default=18, help="Heun steps for the sample grid (default 18)")
+    a("--resolution", type=int, default=None, help="digits: upsampled resolution (default 16); else a check")
+    a("--backend", default=None, help="fused-op backend (default: the fastest available)")
+    a("--dry-run", action="store_true", help="print the resolved options and exit")
+    return ap.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> Options:
+    """The options of the run: command line over the dataset's recipe."""
+    name = args.ds if args.ds in RECIPES else "custom"
+    r = RECIPES[name]
+    if args.kimg is not None:
+        kimg = args.kimg
+    else:
+        kimg = (args.duration if args.duration is not None else r["duration"]) * 1000
+    if kimg <= 0:
+        raise SystemExit(f"error: --kimg/--duration: expected a positive length, got {kimg / 1000:g} Mimg")
+    batch = args.batch or r["batch"]
+    warm = args.warmup_ite
+    if warm is None and args.precond.startswith("fdm_"):
+        warm = r["warmup_edm"] if args.precond == "fdm_edm" else 400
+    for flag, v in (("--batch", batch), ("--batch-gpu", args.batch_gpu)):
+        if v is not None and v <= 0:
+            raise SystemExit(f"error: {flag}: expected a positive integer, got {v}")
+    if args.precision == "fp16" and args.precond.startswith("fdm_"):
+        raise SystemExit("error: --precision fp16 with an FDM preconditioning: FDM's network input is "
+                         "c_in (y + sigma n) with c_in about 4e-8 at sigma 80 (m = 2), below fp16's range; "
+                         "use --precision bf16 (same exponent range as fp32) or fp32")
+    if args.fdm_multiplier is not None and not args.precond.startswith("fdm_"):
+        raise SystemExit(f"error: --fdm-multiplier applies to the fdm_* preconditionings, got --precond {args.precond}")
+    snap = args.snap or max(kimg / 10, batch / 1000)
+    return Options(
+        ds=args.ds, data=args.data, outdir=args.outdir or os.path.join("runs", f"{name if name != 'custom' else 'custom'}"
+                                                                         f"-{args.precond}-{args.arch}"),
+        precond=args.precond, arch=args.arch, cond=args.cond, kimg=kimg, batch=batch, batch_gpu=args.batch_gpu,
+        lr=args.lr if args.lr is not None else r["lr"],
+        lr_rampup=args.lr_rampup if args.lr_rampup is not None else r["lr_rampup"],
+        ema=args.ema if args.ema is not None else r["ema"], ema_rampup=args.ema_rampup,
+        dropout=args.dropout if args.dropout is not None else r["dropout"],
+        augment=args.augment if args.augment is not None else r["augment"],
+        xflip=args.xflip if args.xflip is not None else r["xflip"], warmup_ite=warm,
+        fdm_multiplier=args.fdm_multiplier, compile=args.compile if args.compile is not None else torch.cuda.is_available(),
+        precision=args.precision, tf32=args.tf32, seed=args.seed, resume=args.resume,
+        tick=args.tick or max(kimg / 100, batch / 1000), snap=snap, ckpt=args.ckpt or snap, keep=args.keep,
+        grid=args.grid, grid_steps=args.grid_steps, resolution=args.resolution, backend=args.backend,
+        channel_mult=r["channel_mult"], network=copy.deepcopy(r.get("network", {})))
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK).
+
+
+def init_distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class InfiniteSampler:
+    """Indices of this rank's shard, epoch after epoch, each epoch a seeded permutation; ``start`` is
+    the number of indices this rank already consumed, so a resumed run continues the same order."""
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, start: int = 0):
+        self.per_rank = size // world
+        if self.per_rank < 1:
+            raise DatasetError(f"dataset: {size} images cannot be shared by {world} ranks")
+        self.size, self.rank, self.world, self.seed, self.pos = size, rank, world, seed, start
+        self._epoch, self._perm = -1, None
+
+    def take(self, n: int):
+        """(dataset indices, global sample keys) of the next n samples. The key of this rank's stream
+        position q is world * q + rank: the same sample and key a single process would have there."""
+        out = np.empty(n, dtype=np.int64)
+        keys = (np.arange(self.pos, self.pos + n, dtype=np.int64)) * self.world + self.rank
+        for k in range(n):
+            epoch, i = divmod(self.pos, self.per_rank)
+            if epoch != self._epoch:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)[: self.per_rank * self.world]
+                self._perm, self._epoch = perm[self.rank::self.world], epoch
+            out[k] = self._perm[i]
+            self.pos += 1
+        return out, keys
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_grid(images: torch.Tensor, path: str) -> None:
+    """A square-ish PNG grid of images in [-1, 1] (written atomically)."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    pad = max(1, h // 16)  # a gray line between images
+    x = (images.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 128, dtype=torch.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top:top + h, left:left + w] = x[k]
+    arr = grid.permute(1, 2, 0).numpy()
+    im = Image.fromarray(arr[:, :, 0] if c == 1 else arr, "L" if c == 1 else "RGB")
+    scale = max(1, 256 // max(h, 1))  # small images are hard to see: enlarge
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    tmp = path + ".tmp.png"
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def checkpoints(outdir: str) -> list:
+    return sorted(glob.glob(os.path.join(outdir, "training-state-*.pt")),
+                  key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
+
+
+def load_snapshot(path: str, device="cpu"):
+    """The EMA network of a snapshot, built from its config (loads with weights_only=True: no pickled code)."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    denoiser = build_denoiser(data["config"])
+    denoiser.load_state_dict(data["ema"])
+    return denoiser.eval().requires_grad_(False).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), quiet: bool = False,
+                  stop_after_steps: Optional[int] = None) -> dict:
+    """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests)."""
+    torch.backends.cuda.matmul.allow_tf32 = o.tf32
+    torch.backends.cudnn.allow_tf32 = o.tf32
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 and not quiet else (lambda *a: None)
+
+    dataset = open_dataset(o.ds, o.data, use_labels=o.cond, resolution=o.resolution)
+    if o.cond and not dataset.label_dim:
+        raise DatasetError(f"--cond: {o.data or o.ds} has no labels (dataset.json)")
+    if o.augment > 0:
+        raise SystemExit("error: --augment > 0: the non-leaky augmentation pipeline is not implemented yet in "
+                         "fdm_fast; pass --augment 0 (the recipes for cifar10/ffhq/afhqv2 use it)")
+    batch_gpu_total = o.batch // world
+    if batch_gpu_total * world != o.batch:
+        raise SystemExit(f"error: --batch {o.batch} is not divisible by the {world} ranks")
+    batch_gpu = o.batch_gpu or batch_gpu_total
+    rounds = batch_gpu_total // batch_gpu
+    if rounds * batch_gpu != batch_gpu_total:
+        raise SystemExit(f"error: --batch-gpu {batch_gpu} does not divide the per-rank batch {batch_gpu_total}")
+
+    network = dict(o.network)
+    network["dropout"] = o.dropout
+    if o.channel_mult is not None:
+        network.setdefault("channel_mult", tuple(o.channel_mult))
+    precond_options = {"fdm_multiplier": o.fdm_multiplier} if o.fdm_multiplier is not None else {}
+    config = dict(precond=o.precond, precond_options=precond_options, arch=o.arch,
+                  img_resolution=dataset.resolution, img_channels=dataset.num_channels,
+                  label_dim=dataset.label_dim if o.cond else 0, augment_dim=0, network=network)
+    torch.manual_seed(o.seed)
+    net = build_denoiser(config).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=o.lr, betas=(0.9, 0.999), eps=1e-8,
+                           fused=device.type == "cuda")
+    net_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[o.precision]
+
+    step, cur_nimg = 0, 0
+    os.makedirs(o.outdir, exist_ok=True) if rank == 0 else None
+    resume = o.resume
+    if resume == "auto":
+        found = checkpoints(o.outdir)
+        resume = found[-1] if found else None
+        if resume is None:
+            log(f"--resume auto: no checkpoint in {o.outdir}, starting a new run")
+    if resume:
+        if not os.path.isfile(resume):
+            raise SystemExit(f"error: --resume {resume}: no such checkpoint")
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        if state["config"] != json.loads(json.dumps(config)):
+            raise SystemExit(f"error: --resume {resume}: the checkpoint's network/precond config differs from this "
+                             f"run's:\n  checkpoint: {state['config']}\n  this run:   {json.loads(json.dumps(config))}")
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, cur_nimg = state["step"], state["cur_nimg"]
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        log(f"resumed from {resume} at step {step} ({cur_nimg / 1000:.1f} kimg)")
+    sampler = InfiniteSampler(len(dataset), rank, world, o.seed, start=step * batch_gpu_total)
+
+    images_all = dataset.images_as_tensor()  # cached uint8; pinned for async copies to the GPU
+    labels_all = torch.from_numpy(np.stack([dataset[i][1] for i in range(len(dataset))])) if o.cond else None
+    if device.type == "cuda":
+        images_all = images_all.pin_memory()
+
+    model = net.model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None, broadcast_buffers=False)
+    if o.compile:
+        model = torch.compile(model)
+    train_net = type(net)(net.precond, model, config)  # shares parameters with net
+
+    if rank == 0:
+        with open(os.path.join(o.outdir, "options.json"), "w") as f:
+            json.dump(dict(options=dataclasses.asdict(o), config=config, world=world, device=str(device),
+                           backend=ops.select_backend(device, o.backend), parameters=count_parameters(net.model),
+                           dataset=dict(name=dataset.name, size=len(dataset), resolution=dataset.resolution,
+                                        channels=dataset.num_channels, label_dim=dataset.label_dim)), f, indent=2)
+    log(f"network: {o.arch} {config['img_resolution']}x{config['img_resolution']}x{config['img_channels']}, "
+        f"{count_parameters(net.model):,} parameters; precond {o.precond}; data {dataset.name} ({len(dataset)} images)")
+    log(f"device {device}, {world} rank(s), backend {ops.select_backend(device, o.backend)}, precision {o.precision}, "
+        f"batch {o.batch} = {world} x {rounds} x {batch_gpu}, compile {o.compile}")
+
+    total_nimg = int(o.kimg * 1000)
+    stats_path = os.path.join(o.outdir, "stats.jsonl")
+    per_sample = dataset.num_channels * dataset.resolution**2
+    next_tick = cur_nimg + o.tick * 1000
+    next_snap = cur_nimg + o.snap * 1000 if resume else o.snap * 1000
+    next_ckpt = cur_nimg + o.ckpt * 1000
+    tick_loss, tick_n, tick_t0, tick_nimg = 0.0, 0, time.time(), cur_nimg
+    start_step = step
+    bar = None
+    if rank == 0 and not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit="img", unit_scale=True,
+                   dynamic_ncols=True, mininterval=2.0)
+    last_loss = float("nan")
+
+    def write_snapshot():
+        snap_path = os.path.join(o.outdir, f"network-snapshot-{cur_nimg // 1000:06d}.pt")
+        atomic_save(dict(config=config, ema=ema.state_dict(), step=step, cur_nimg=cur_nimg), snap_path)
+        labels = None
+        if config["label_dim"]:
+            labels = torch.eye(config["label_dim"], device=device)[torch.arange(o.grid, device=device)
+                                                                    % config["label_dim"]]
+        images = edm_sampler(ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
+                             backend=o.backend, device=device)
+        save_grid(images, os.path.join(o.outdir, f"samples-{cur_nimg // 1000:06d}.png"))
+        return snap_path
+
+    def write_checkpoint():
+        path = os.path.join(o.outdir, f"training-state-{step:08d}.pt")
+        atomic_save(dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                         cur_nimg=cur_nimg, torch_rng=torch.get_rng_state(),
+                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                         config=json.loads(json.dumps(config))), path)
+        for old in checkpoints(o.outdir)[:-o.keep]:
+            os.remove(old)
+        return path
+
+    params = [p for p in net.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    while cur_nimg < total_nimg and (stop_after_steps is None or step - start_step < stop_after_steps):
+        opt.zero_grad(set_to_none=True)
+        clamp = fdm_clamp(net, step, o.warmup_ite)
+        for r in range(rounds):
+            idx, keys = sampler.take(batch_gpu)
+            idx, keys = torch.from_numpy(idx), torch.from_numpy(keys)
+            y = images_all[idx].to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            labels = labels_all[idx].to(device) if labels_all is not None else None
+            u = sample_uniforms(o.seed, keys, 2)  # this sample's sigma and flip, keyed by its global index
+            if o.xflip:
+                y = torch.where((u[:, 1] < 0.5).to(device).reshape(-1, 1, 1, 1), y.flip(3), y)
+            if device.type == "cuda":
+                y = y.contiguous(memory_format=torch.channels_last)
+            sigma = net.precond.sigma_from_uniform(u[:, 0]).to(device=device, dtype=torch.float32)
+            seed, offset = noise_rng(o.seed, keys, per_sample, device)
+            sync = world == 1 or r == rounds - 1
+            ctx = model.no_sync() if (world > 1 and not sync and hasattr(model, "no_sync")) else _null()
+            with ctx:
+                loss = training_loss(train_net, y, sigma, seed=seed, offset=offset, clamp=clamp, labels=labels,
+                                     net_dtype=net_dtype, backend=o.backend)
+                (loss.sum() / batch_gpu_total).backward()
+            tick_loss += float(loss.detach().sum())
+            tick_n += batch_gpu
+        for g in opt.param_groups:
+            g["lr"] = o.lr * min(cur_nimg / max(o.lr_rampup * 1e6, 1e-8), 1)
+        for p in params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        step += 1
+        cur_nimg += o.batch
+        # EMA with half-life and ramp-up (EDM): beta = 0.5^(batch / half-life)
+        half = o.ema * 1e6
+        if o.ema_rampup:
+            half = min(half, cur_nimg * o.ema_rampup)
+        beta = 0.5 ** (o.batch / max(half, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - beta)
+
+        if bar is not None:
+            bar.update(min(o.batch, total_nimg - bar.n))
+        done = cur_nimg >= total_nimg
+        if cur_nimg >= next_tick or done:
+            if world > 1:
+                t = torch.tensor([tick_loss, tick_n], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(t)
+                tick_loss, tick_n = t.tolist()
+            now = time.time()
+            last_loss = tick_loss / max(tick_n, 1)
+            rec = dict(kimg=cur_nimg / 1000, step=step, loss=last_loss, lr=opt.param_groups[0]["lr"],
+                       img_per_s=(cur_nimg - tick_nimg) / max(now - tick_t0, 1e-9), clamp=clamp,
+                       time=now)
+            if rank == 0:
+                with open(stats_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {last_loss:.4g}, {rec['img_per_s']:.0f} img/s")
+            tick_loss, tick_n, tick_t0, tick_nimg = 0.0, 0, now, cur_nimg
+            next_tick += o.tick * 1000
+        if rank == 0 and (cur_nimg >= next_snap or done):
+            write_snapshot()
+            next_snap += o.snap * 1000
+        if rank == 0 and (cur_nimg >= next_ckpt or done):
+            write_checkpoint()
+            next_ckpt += o.ckpt * 1000
+    if bar is not None:
+        bar.close()
+    if rank == 0 and stop_after_steps is not None and not (cur_nimg >= total_nimg):
+        write_checkpoint()
+    return dict(step=step, cur_nimg=cur_nimg, loss=last_loss, net=net, ema=ema)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    o = resolve(args)
+    rank, world, device = init_distributed()
+    if rank == 0:
+        print(json.dumps(dataclasses.asdict(o), indent=2, default=str))
+    if args.dry_run:
+        return 0
+    try:
+        training_loop(o, rank=rank, world=world, device=device)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"done: checkpoints, snapshots and sample grids in {o.outdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

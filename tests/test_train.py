@@ -1,0 +1,200 @@
+"""Networks, the training step, and the training loop (digits, on the CPU)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fdm_fast import schedules
+from fdm_fast.loss import fdm_clamp, noise_rng, sample_uniforms, training_loss, training_loss_composite
+from fdm_fast.nn import build_denoiser, count_parameters, song_unet
+from fdm_fast.train import InfiniteSampler, load_snapshot, parse_args, resolve, training_loop
+
+TINY = ["--ds", "digits", "--resolution", "8", "--batch", "32", "--precision", "fp32", "--grid", "4",
+        "--grid-steps", "3", "--no-compile"]
+
+
+def tiny_options(tmp_path, *extra):
+    o = resolve(parse_args([*TINY, "--outdir", str(tmp_path), *extra]))
+    o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,))
+    o.channel_mult = (1, 2)
+    return o
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks.
+
+
+def test_parameter_counts_match_edm():
+    assert count_parameters(song_unet("ddpmpp", 32, channel_mult=(2, 2, 2))) == 55_732_739
+    assert count_parameters(song_unet("ddpmpp", 64, channel_mult=(1, 2, 2, 2))) == 61_804_419
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
+@pytest.mark.parametrize("res", [32, 64])
+def test_shapes_with_labels(arch, res):
+    net = song_unet(arch, res, 3, label_dim=10, augment_dim=9, model_channels=32,
+                    channel_mult=(1, 2, 2) if res == 32 else (1, 2, 2, 2), num_blocks=1).eval()
+    x = torch.randn(2, 3, res, res)
+    labels = torch.eye(10)[[1, 7]]
+    out = net(x, torch.tensor([0.1, -0.3]), labels, torch.zeros(2, 9))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="class_labels"):
+        net(x, torch.tensor([0.1, -0.3]))
+
+
+def test_state_dict_names_follow_edm():
+    keys = set(song_unet("ddpmpp", 32, channel_mult=(2, 2, 2)).state_dict())
+    for k in ["map_layer0.weight", "enc.32x32_conv.weight", "enc.32x32_block0.norm0.weight",
+              "enc.16x16_down.conv0.resample_filter", "enc.16x16_block0.qkv.weight", "dec.8x8_in0.proj.weight",
+              "dec.32x32_aux_conv.weight", "dec.32x32_block4.skip.weight"]:
+        assert k in keys, k
+
+
+# ------------------------------------------------------------------------------------------------
+# The training step.
+
+
+@pytest.mark.parametrize("name", ["fdm_edm", "fdm_vp", "ve"])
+def test_fused_step_equals_eager_composite(name):
+    torch.manual_seed(0)
+    d = build_denoiser(dict(precond=name, arch="ddpmpp", img_resolution=8, img_channels=1,
+                            network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                                         dropout=0.0)))
+    y = torch.rand(6, 1, 8, 8) * 2 - 1
+    keys = torch.arange(6) + 100
+    sigma = d.precond.sigma_from_uniform(sample_uniforms(3, keys)[:, 0]).float()
+    seed, offset = noise_rng(3, keys, 64, "cpu")
+    clamp = fdm_clamp(d, 10, 200)
+    assert (clamp is None) == (not d.precond.fdm)
+    results = []
+    for fn in (training_loss, training_loss_composite):
+        d.zero_grad()
+        loss = fn(d, y, sigma, seed=seed, offset=offset, clamp=clamp)
+        loss.sum().backward()
+        results.append((loss.detach(), [p.grad.clone() for p in d.parameters()]))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * (b.abs().max().item() + 1e-6))
+
+
+def test_warmup_clamp_per_step_equals_formula():
+    d = build_denoiser(dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
+                            network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=())))
+    for step in [0, 1, 50, 199, 399, 400, 1000]:
+        want = 5 * 100 ** (step / 400)
+        got = fdm_clamp(d, step, 400)
+        assert (got is None) if want >= 500 else got == pytest.approx(want, rel=1e-12)
+    assert fdm_clamp(build_denoiser(dict(d.config, precond="edm")), 5, 400) is None  # base preconds: no warm-up
+
+
+def test_sample_keys_are_pure_functions_of_the_global_index():
+    u = sample_uniforms(7, torch.arange(10))
+    assert torch.equal(u[3:5], sample_uniforms(7, torch.tensor([3, 4])))
+    assert ((u > 0) & (u < 1)).all() and not torch.equal(u, sample_uniforms(8, torch.arange(10)))
+    # sigma_from_uniform reproduces each training distribution
+    big = sample_uniforms(1, torch.arange(100_000))[:, 0]
+    s = schedules.get_precond("edm").sigma_from_uniform(big).log()
+    assert s.mean().item() == pytest.approx(-1.2, abs=0.02) and s.std().item() == pytest.approx(1.2, abs=0.02)
+
+
+def test_sampler_shards_cover_what_one_process_sees():
+    one = InfiniteSampler(100, 0, 1, seed=5)
+    a0, k0 = InfiniteSampler(100, 0, 2, seed=5).take(8)
+    a1, k1 = InfiniteSampler(100, 1, 2, seed=5).take(8)
+    idx, keys = one.take(16)
+    assert sorted(keys.tolist()) == sorted(k0.tolist() + k1.tolist())
+    assert dict(zip(keys.tolist(), idx.tolist())) == dict(zip(k0.tolist() + k1.tolist(), a0.tolist() + a1.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def test_loss_falls_on_digits(tmp_path):
+    o = tiny_options(tmp_path, "--kimg", "6.4", "--tick", "0.32", "--lr", "3e-3")
+    training_loop(o, quiet=True)
+    stats = [json.loads(line) for line in open(tmp_path / "stats.jsonl")]
+    first = sum(s["loss"] for s in stats[:4]) / 4
+    last = sum(s["loss"] for s in stats[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "options.json").exists() and list(tmp_path.glob("samples-*.png"))
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps + resume + N steps equals 2N steps, bitwise (CPU)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = training_loop(tiny_options(a, "--kimg", "100", "--dropout", "0.1"), quiet=True, stop_after_steps=8)
+    training_loop(tiny_options(b, "--kimg", "100", "--dropout", "0.1"), quiet=True, stop_after_steps=4)
+    resumed = training_loop(tiny_options(b, "--kimg", "100", "--dropout", "0.1", "--resume", "auto"), quiet=True,
+                            stop_after_steps=4)
+    assert resumed["step"] == full["step"] == 8
+    for (k, p), q in zip(full["net"].state_dict().items(), resumed["net"].state_dict().values()):
+        assert torch.equal(p, q), k
+    for p, q in zip(full["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoints_atomic_keep_k_and_snapshot_loads_weights_only(tmp_path):
+    training_loop(tiny_options(tmp_path, "--kimg", "0.64", "--ckpt", "0.064", "--snap", "0.32", "--keep", "2"),
+                  quiet=True)
+    states = sorted(tmp_path.glob("training-state-*.pt"))
+    assert len(states) == 2 and not list(tmp_path.glob("*.tmp*"))
+    snaps = sorted(tmp_path.glob("network-snapshot-*.pt"))
+    assert snaps
+    data = torch.load(snaps[-1], weights_only=True)  # no pickled code
+    assert set(data) >= {"config", "ema"}
+    d = load_snapshot(str(snaps[-1]))
+    assert d.img_resolution == 8 and not d.training
+    torch.load(states[-1], weights_only=True)
+
+
+def test_missing_dataset_message_and_bad_options(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--ds", "ffhq", "--outdir", str(tmp_path), "--kimg", "1"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "datasets/ffhq-64x64.zip not found" in r.stderr and "fdm_fast.dataset_tool" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--precond", "fdm_edm", "--precision", "fp16",
+                        "--dry-run"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "fp16" in r.stderr and "bf16" in r.stderr
+
+
+def test_dry_run_prints_recipe_defaults():
+    o = resolve(parse_args(["--ds", "cifar10", "--precond", "fdm_edm"]))
+    assert (o.batch, o.lr, o.dropout, o.augment, o.ema, o.lr_rampup, o.warmup_ite) == (512, 1e-3, 0.13, 0.12, 0.5,
+                                                                                        10.0, 200)
+    o = resolve(parse_args(["--ds", "ffhq", "--precond", "fdm_edm"]))
+    assert (o.batch, o.lr, o.dropout, o.augment, o.warmup_ite, tuple(o.channel_mult)) == (256, 2e-4, 0.05, 0.15, 800,
+                                                                                          (1, 2, 2, 2))
+    o = resolve(parse_args(["--ds", "afhqv2", "--precond", "fdm_vp"]))
+    assert (o.dropout, o.warmup_ite) == (0.25, 400)
+    assert math.isclose(resolve(parse_args(["--ds", "digits", "--kimg", "3"])).kimg, 3)
+
+
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
+    """torchrun with 2 CPU ranks (gloo) and the same global batch trains the same weights."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from fdm_fast.train import init_distributed, parse_args, resolve, training_loop\n"
+        "out = sys.argv[1]\n"
+        f"o = resolve(parse_args({TINY!r} + ['--outdir', out, '--kimg', '100']))\n"
+        "o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.channel_mult = (1, 2)\n"
+        "rank, world, device = init_distributed()\n"
+        "res = training_loop(o, rank=rank, world=world, device=device, quiet=True, stop_after_steps=3)\n"
+        "if rank == 0: torch.save(res['net'].state_dict(), out + '/final.pt')\n"
+        "if world > 1: torch.distributed.destroy_process_group()\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    for n in (1, 2):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        str(script), str(tmp_path / f"w{n}")], check=True, env=env, capture_output=True)
+    one, two = torch.load(tmp_path / "w1/final.pt"), torch.load(tmp_path / "w2/final.pt")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6, msg=k)
