@@ -45,7 +45,7 @@ RECIPES = {
                  channel_mult=(1, 2, 2, 2), warmup_edm=800, xflip=True),
     "afhqv2": dict(batch=256, lr=2e-4, dropout=0.25, augment=0.15, ema=0.5, lr_rampup=10.0, duration=200.0,
                    channel_mult=(1, 2, 2, 2), warmup_edm=400, xflip=True),
-    "digits": dict(batch=64, lr=2e-3, dropout=0.0, augment=0.0, ema=0.01, lr_rampup=0.001, duration=0.2,
+    "digits": dict(batch=64, lr=2e-3, dropout=0.0, augment=0.0, ema=0.01, lr_rampup=0.001, duration=0.06,
                    channel_mult=(1, 2, 2), warmup_edm=400, xflip=False,
                    network=dict(model_channels=32, num_blocks=2, attn_resolutions=(8,))),
     "custom": dict(batch=512, lr=1e-3, dropout=0.13, augment=0.0, ema=0.5, lr_rampup=10.0, duration=200.0,
