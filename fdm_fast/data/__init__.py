@@ -31,9 +31,8 @@ def open_dataset(ds: str, data: Optional[str] = None, *, use_labels: bool = Fals
     path = data or DEFAULT_PATHS.get(ds, ds)
     if not os.path.exists(path):
         if ds in PREPARE and data is None:
-            raise DatasetError(f"--ds {ds}: {path} not found. Prepare it with the dataset tool (download its source first):"
-                               f"downloaded by hand; this machine cannot fetch it):\n  {PREPARE[ds]}\n"
-                               f"or pass --data PATH to a prepared zip or folder.")
+            raise DatasetError(f"--ds {ds}: {path} not found. Download its source by hand, then prepare it with "
+                               f"the dataset tool:\n  {PREPARE[ds]}\nor pass --data PATH to a prepared zip or folder.")
         raise DatasetError(f"--data {path}: no such file or folder")
     dataset = ImageFolderDataset(path, use_labels=use_labels)
     if resolution is not None and dataset.resolution != resolution:
