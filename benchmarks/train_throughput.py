@@ -1,0 +1,156 @@
+"""Training images/s for the same network and batch, in one run:
+
+  official   the official code's step: eager float32, op-by-op loss with stored torch.randn noise,
+             TF32 off, for-loop Adam
+  fdm_fast   fused perturb + fused loss (fdm_fast.loss.training_loss), bf16 autocast, torch.compile of
+             the network, and on a GPU channels_last and fused Adam
+
+Steps alternate between the two (interleaved, so a slow phase of a shared machine hits both), the
+first steps (compilation, allocation) are reported apart. Defaults: on a GPU 64x64 DDPM++ (channel
+mults 1,2,2,2) at batch 64; on a CPU the small digits network (16x16x1) at batch 64.
+
+    python benchmarks/train_throughput.py                 # table; rows appended to RESULTS.md
+    python benchmarks/train_throughput.py --steps 20 --no-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import append_results, machine_name, sync  # noqa: E402
+
+from fdm_fast import ops  # noqa: E402
+from fdm_fast.loss import fdm_clamp, training_loss  # noqa: E402
+from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
+
+
+def config_for(device: torch.device, args) -> dict:
+    if args.preset == "ffhq64" or (args.preset == "auto" and device.type == "cuda"):
+        return dict(precond=args.precond, arch="ddpmpp", img_resolution=64, img_channels=3,
+                    network=dict(channel_mult=(1, 2, 2, 2), dropout=0.05))
+    return dict(precond=args.precond, arch="ddpmpp", img_resolution=16, img_channels=1,
+                network=dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,),
+                             dropout=0.0))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="auto", choices=["auto", "ffhq64", "digits"],
+                    help="network: ffhq64 (64x64 DDPM++) or digits (small); auto = ffhq64 on GPU, digits on CPU")
+    ap.add_argument("--precond", default="fdm_edm")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 30 GPU, 15 CPU)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after the first")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile fdm_fast's network (default: on; its compile time is reported apart)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--results", type=Path, default=None, help="append rows here instead of benchmarks/RESULTS.md")
+    ap.add_argument("--no-results", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    steps = args.steps or (30 if cuda else 15)
+    compile_net = args.compile if args.compile is not None else True  # fastest valid settings, CPU too
+    ops.set_value_checks(False)
+    cfg = config_for(device, args)
+    torch.manual_seed(0)
+    shape = (args.batch, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
+    y = (torch.rand(shape, device=device) * 2 - 1)
+
+    # --- official-style step
+    net_o = build_denoiser(cfg).to(device).train()
+    opt_o = torch.optim.Adam(net_o.parameters(), lr=1e-4, foreach=False, fused=False)
+    p = net_o.precond
+
+    def official():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        sigma = p.sample_sigma(args.batch, device=device).reshape(-1, 1, 1, 1)
+        n = torch.randn_like(y) * sigma
+        D = net_o(y + n, sigma)
+        w = torch.clamp(p.loss_weight(sigma), max=50.0)
+        loss = w * ((D - y) ** 2)
+        loss.sum().mul(1 / args.batch).backward()
+        for q in net_o.parameters():
+            if q.grad is not None:
+                torch.nan_to_num(q.grad, nan=0, posinf=1e5, neginf=-1e5, out=q.grad)
+        opt_o.step()
+        opt_o.zero_grad(set_to_none=True)
+
+    # --- fdm_fast step
+    net_f = build_denoiser(cfg).to(device).train()
+    if cuda:
+        net_f = net_f.to(memory_format=torch.channels_last)
+    model = torch.compile(net_f.model) if compile_net else net_f.model
+    train_net = type(net_f)(net_f.precond, model, cfg)
+    opt_f = torch.optim.Adam(net_f.parameters(), lr=1e-4, fused=cuda)
+    y_f = y.contiguous(memory_format=torch.channels_last) if cuda else y
+    clamp = fdm_clamp(net_f, 10, 400)
+    state = {"step": 0}
+
+    def fused():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        sigma = p.sample_sigma(args.batch, device=device)
+        state["step"] += 1
+        loss = training_loss(train_net, y_f, sigma, seed=1, offset=state["step"] * (y.numel() // 4 + 1),
+                             clamp=clamp, net_dtype=torch.bfloat16)
+        (loss.sum() / args.batch).backward()
+        for q in net_f.parameters():
+            if q.grad is not None:
+                torch.nan_to_num(q.grad, nan=0, posinf=1e5, neginf=-1e5, out=q.grad)
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+
+    variants = {"official": official, "fdm_fast": fused}
+    first, times = {}, {k: [] for k in variants}
+    for k, fn in variants.items():
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first[k] = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            fn()
+    for _ in range(steps):
+        for k, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    machine = machine_name(device)
+    params = count_parameters(net_o.model)
+    desc = f"{cfg['img_resolution']}x{cfg['img_resolution']}x{cfg['img_channels']} DDPM++ ({params:,} params)"
+    header = ["variant", "network", "batch", "median step ms", "img/s", "vs official", "first step s"]
+    rows = []
+    for k in variants:
+        rows.append([k, desc, str(args.batch), f"{med[k] * 1e3:.1f}", f"{args.batch / med[k]:.1f}",
+                     f"{med['official'] / med[k]:.2f}x", f"{first[k]:.1f}"])
+    print(machine)
+    print(f"fdm_fast: fused ops ({ops.select_backend(device)}), bf16 autocast, compile={compile_net}, "
+          f"channels_last={cuda}, fused Adam={cuda}")
+    for r in rows:
+        print(" | ".join(f"{c:>14}" for c in r))
+    notes = [f"Machine: {machine}", f"Command: `python benchmarks/train_throughput.py {' '.join(argv or sys.argv[1:])}`",
+             f"official: eager fp32, op-by-op loss, TF32 off, for-loop Adam; fdm_fast: fused ops "
+             f"({ops.select_backend(device)}), bf16 autocast, compile={compile_net}, channels_last={cuda}, "
+             f"fused Adam={cuda}; {steps} interleaved timed steps each after {args.warmup} warm-up"]
+    if not args.no_results:
+        append_results("train_throughput", header, rows, notes, path=args.results)
+    if args.json:
+        args.json.write_text(json.dumps(dict(machine=machine, rows=[dict(zip(header, r)) for r in rows]), indent=1))
+
+
+if __name__ == "__main__":
+    main()
