@@ -1,0 +1,233 @@
+"""Sampler speed and NFE, in one run: ``python benchmarks/sampler_speed.py``.
+
+Speed, for a SongUNet (random weights: speed does not depend on them) at each batch size and NFE:
+  official      EDM's sampler as published: eager, float64 state, op-by-op, the net called through the
+                preconditioning's forward
+  fused         fdm_fast.sampling.edm_sampler: float32 state, fused step ops, eager UNet
+  fused+compile the same with torch.compile of the UNet (compile time reported apart)
+and the step overhead alone (a trivial denoiser, F = 0, at 64x3x64x64): official vs fused.
+
+NFE (analytic): a Gaussian-mixture dataset whose ideal denoiser is known in closed form
+(fdm_fast.gmm); for Heun and Euler at each NFE, the RMS distance of the samples to a 500-step
+solution from the same noise, and the error of the samples' mean and covariance against the
+mixture's. (FID vs NFE needs a trained snapshot and Inception weights; not in this script yet.)
+
+Writes a table to stdout, JSON and a PNG plot (matplotlib, if installed) next to --out, and rows to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import append_results, machine_name, sync  # noqa: E402
+
+from fdm_fast import ops  # noqa: E402
+from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
+from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
+from fdm_fast.sampling import edm_sampler  # noqa: E402
+from fdm_fast.schedules import edm_time_steps  # noqa: E402
+
+
+@torch.no_grad()
+def official_sampler(net, latents, num_steps, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0):
+    """EDM's generate.py edm_sampler: float64 state, op by op."""
+    t_steps = edm_time_steps(num_steps, precond=net.precond, dtype=torch.float64, device=latents.device)
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * torch.randn_like(x_cur)
+        denoised = net(x_hat, t_hat).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+class Zero(torch.nn.Module):
+    """A trivial network (F = 0): what remains is the sampler's own per-step work."""
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        return torch.zeros_like(x)
+
+
+def timed(fn, device, reps):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), first
+
+
+def speed(args, device):
+    rows = []
+    if args.preset == "ffhq64" or (args.preset == "auto" and device.type == "cuda"):
+        cfg = dict(precond=args.precond, arch="ddpmpp", img_resolution=64, img_channels=3,
+                   network=dict(channel_mult=(1, 2, 2, 2)))
+    else:
+        cfg = dict(precond=args.precond, arch="ddpmpp", img_resolution=16, img_channels=1,
+                   network=dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,)))
+    torch.manual_seed(0)
+    net = build_denoiser(cfg).to(device).eval().requires_grad_(False)
+    compiled = build_denoiser(cfg).to(device).eval().requires_grad_(False)
+    compiled.load_state_dict(net.state_dict())
+    compiled.model = torch.compile(compiled.model)
+    desc = f"{cfg['img_resolution']}x{cfg['img_resolution']}x{cfg['img_channels']} DDPM++ " \
+           f"({count_parameters(net.model) / 1e6:.1f}M)"
+    for batch in args.batch:
+        for nfe in args.nfe:
+            steps = (nfe + 1) // 2
+            seeds = list(range(batch))
+            shape = (batch, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
+            variants = {
+                "official": lambda: official_sampler(net, torch.randn(shape, device=device), steps),
+                "fused": lambda: edm_sampler(net, seeds, num_steps=steps, device=device),
+                "fused+compile": lambda: edm_sampler(compiled, seeds, num_steps=steps, device=device),
+            }
+            for name, fn in variants.items():
+                t, first = timed(fn, device, args.reps)
+                rows.append(dict(kind="speed", network=desc, batch=batch, nfe=2 * steps - 1, variant=name,
+                                 seconds=t, img_per_s=batch / t, ms_per_nfe=1e3 * t / (2 * steps - 1),
+                                 first_call_s=first))
+    # step overhead with a trivial network at 64x3x64x64
+    triv = build_denoiser(dict(cfg, img_resolution=64, img_channels=3, network=dict(cfg["network"], channel_mult=(1,))))
+    triv.model = Zero()
+    triv = triv.to(device)
+    batch, steps = 64, 18
+    for name, fn in {"official": lambda: official_sampler(triv, torch.randn(batch, 3, 64, 64, device=device), steps),
+                     "fused": lambda: edm_sampler(triv, list(range(batch)), num_steps=steps, device=device)}.items():
+        t, first = timed(fn, device, args.reps)
+        rows.append(dict(kind="overhead", network="F = 0 (sampler only), 64x3x64x64", batch=batch, nfe=2 * steps - 1,
+                         variant=name, seconds=t, img_per_s=batch / t, ms_per_nfe=1e3 * t / (2 * steps - 1),
+                         first_call_s=first))
+    return rows
+
+
+def nfe_analytic(args):
+    rows = []
+    gmm = GaussianMixtureDenoiser.random(k=6, shape=(3, 4, 4), seed=3, precond=args.precond, spread=1.0)
+    seeds = list(range(args.nfe_samples))
+    ref = edm_sampler(gmm, seeds, num_steps=500, device="cpu").double()
+    m, cov = gmm.moments()
+    for sampler in ("heun", "euler"):
+        for nfe in args.nfe:
+            steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+            x = edm_sampler(gmm, seeds, num_steps=steps, heun=sampler == "heun", device="cpu").double()
+            flat = x.reshape(len(seeds), -1)
+            rows.append(dict(kind="nfe", sampler=sampler, nfe=2 * steps - 1 if sampler == "heun" else steps,
+                             rms_to_reference=(x - ref).pow(2).mean().sqrt().item(),
+                             mean_err=(flat.mean(0) - m).norm().item(),
+                             cov_err=(torch.cov(flat.T) - cov).norm().item() / cov.norm().item()))
+    return rows
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install matplotlib)")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sp = [r for r in rows if r["kind"] == "speed"]
+    for v in sorted({r["variant"] for r in sp}):
+        pts = sorted((r["nfe"], r["img_per_s"]) for r in sp if r["variant"] == v and r["batch"] == sp[0]["batch"])
+        axes[0].plot(*zip(*pts), marker="o", label=v)
+    axes[0].set(xlabel="NFE", ylabel="images / s", title=f"speed, batch {sp[0]['batch'] if sp else ''}")
+    axes[0].legend()
+    nf = [r for r in rows if r["kind"] == "nfe"]
+    for s in ("heun", "euler"):
+        pts = sorted((r["nfe"], r["rms_to_reference"]) for r in nf if r["sampler"] == s)
+        if pts:
+            axes[1].loglog(*zip(*pts), marker="o", label=s)
+    axes[1].set(xlabel="NFE", ylabel="RMS distance to a 500-step solution", title="analytic mixture")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="auto", choices=["auto", "ffhq64", "digits"])
+    ap.add_argument("--precond", default="fdm_edm")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 64)")
+    ap.add_argument("--nfe", type=int, nargs="+", default=[13, 25, 35, 49, 79])
+    ap.add_argument("--speed-nfe", type=int, nargs="+", default=None,
+                    help="NFE values for the speed part (default: 13 35 on CPU, all on GPU)")
+    ap.add_argument("--nfe-samples", type=int, default=2000, help="samples per point of the NFE study")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 CPU, 10 GPU)")
+    ap.add_argument("--out", type=Path, default=Path("sampler_speed"), help="prefix of the .json / .png outputs")
+    ap.add_argument("--no-results", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    args.batch = args.batch or [64]
+    args.reps = args.reps or (10 if device.type == "cuda" else 3)
+    ops.set_value_checks(False)
+    speed_args = argparse.Namespace(**vars(args))
+    speed_args.nfe = args.speed_nfe or (args.nfe if device.type == "cuda" else [13, 35])
+    rows = speed(speed_args, device) + nfe_analytic(args)
+    machine = machine_name(device)
+    print(machine)
+    header = ["kind", "what", "batch", "NFE", "variant", "img/s", "ms/NFE", "first call s"]
+    table = []
+    for r in rows:
+        if r["kind"] in ("speed", "overhead"):
+            table.append([r["kind"], r["network"], str(r["batch"]), str(r["nfe"]), r["variant"],
+                          f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}"])
+    for t in table:
+        print(" | ".join(t))
+    for kind in ("overhead", "speed"):
+        by = {(r["batch"], r["nfe"], r["variant"]): r["seconds"] for r in rows if r["kind"] == kind}
+        for (b, n, v), s in sorted(by.items()):
+            if v != "official" and (b, n, "official") in by:
+                print(f"{kind}: {v} vs official at batch {b}, NFE {n}: {by[(b, n, 'official')] / s:.2f}x")
+    nheader = ["sampler", "NFE", "RMS to 500-step", "mean error", "cov rel. error"]
+    ntable = [[r["sampler"], str(r["nfe"]), f"{r['rms_to_reference']:.2e}", f"{r['mean_err']:.3f}",
+               f"{r['cov_err']:.3f}"] for r in rows if r["kind"] == "nfe"]
+    print("\nanalytic Gaussian mixture (6 components, 3x4x4):")
+    for t in ntable:
+        print(" | ".join(t))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(args.out) + ".json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
+    png = plot(rows, str(args.out) + ".png")
+    if png:
+        print(f"plot: {png}")
+    if not args.no_results:
+        cmd = f"`python benchmarks/sampler_speed.py {' '.join(argv or sys.argv[1:])}`"
+        append_results("sampler_speed: speed", header, table, [f"Machine: {machine}", f"Command: {cmd}",
+                                                                "official = EDM's float64 op-by-op sampler; fused = "
+                                                                "fdm_fast.sampling on the fused step ops"])
+        append_results("sampler_speed: NFE on the analytic mixture", nheader, ntable,
+                       [f"Machine: {machine}", f"Command: {cmd}",
+                        f"precond {args.precond}; {args.nfe_samples} samples; the reference solution is Heun "
+                        "with 500 steps from the same noise"])
+
+
+if __name__ == "__main__":
+    main()
