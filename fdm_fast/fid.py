@@ -1,0 +1,160 @@
+"""FID: ``python -m fdm_fast.fid ref|calc``, Inception-v3 features through torch-fidelity.
+
+    python -m fdm_fast.fid ref  --data datasets/cifar10-32x32.zip --dest fid-refs/cifar10-32x32.npz
+    python -m fdm_fast.fid calc --images out/ --ref fid-refs/cifar10-32x32.npz
+    python -m fdm_fast.fid calc --network runs/.../network-snapshot-010000.pt --num 50000 --steps 18 --ref ...
+
+Features are the 2048-d pool features of torch-fidelity's ``inception-v3-compat`` extractor, which
+matches the TensorFlow Inception used by the FID literature. Its weights cannot be downloaded by this
+tool: pass ``--inception PATH`` to ``weights-inception-2015-12-05-6726825d.pth`` (or set
+``FDM_FAST_INCEPTION``, or put the file in torch hub's checkpoint cache). Reference statistics are
+saved as EDM's reference ``.npz`` files are: ``mu`` [2048] and ``sigma`` [2048, 2048], float64. The
+Fréchet distance is computed in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class FIDError(Exception):
+    """A missing input or dependency; the message says what to provide (printed alone by the CLI)."""
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
+
+    Tr (S1 S2)^(1/2) = Tr (A S2 A)^(1/2) with A = S1^(1/2): both square roots are of symmetric PSD
+    matrices, taken by eigendecomposition (stabler than a general matrix square root)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise FIDError(f"statistics: shapes differ ({mu1.shape}, {s1.shape}) vs ({mu2.shape}, {s2.shape})")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = a @ s2 @ a
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def inception_weights(path: Optional[str]) -> str:
+    candidates = [path, os.environ.get("FDM_FAST_INCEPTION"),
+                  os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    if path:
+        raise FIDError(f"--inception {path}: no such file (expected {INCEPTION_FILE})")
+    raise FIDError(f"FID needs the Inception-v3 weights {INCEPTION_FILE} (torch-fidelity's 'inception-v3-compat', "
+                   f"converted from TensorFlow's), which this tool does not download. Get the file, then pass "
+                   f"--inception PATH, set FDM_FAST_INCEPTION, or place it in "
+                   f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/")
+
+
+def load_inception(path: Optional[str], device):
+    weights = inception_weights(path)
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except Exception as e:
+        raise FIDError(f"torch-fidelity is not importable ({type(e).__name__}: {e}); install torch-fidelity and a "
+                       "torchvision that matches your torch") from None
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                       feature_extractor_weights_path=weights).to(device).eval()
+
+
+@torch.no_grad()
+def features(extractor, batches: Iterable[torch.Tensor], device) -> np.ndarray:
+    """2048-d features of uint8 image batches [B, C, H, W] (grayscale repeated to RGB)."""
+    out = []
+    for x in batches:
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        f = extractor(x.to(device))
+        out.append((f[0] if isinstance(f, (tuple, list)) else f).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def statistics(feats: np.ndarray):
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def _image_batches(path: str, batch: int):
+    from .data import ImageFolderDataset
+
+    ds = ImageFolderDataset(path, use_labels=False)
+    imgs = ds.images_as_tensor()
+    for i in range(0, len(imgs), batch):
+        yield imgs[i:i + batch]
+
+
+def _generated_batches(network: str, num: int, batch: int, steps: int, device):
+    from .sampling import edm_sampler
+    from .train import load_snapshot
+
+    net = load_snapshot(network, device)
+    for i in range(0, num, batch):
+        seeds = list(range(i, min(i + batch, num)))
+        labels = None
+        if net.label_dim:
+            labels = torch.eye(net.label_dim, device=device)[torch.tensor(seeds, device=device) % net.label_dim]
+        x = edm_sampler(net, seeds, num_steps=steps, class_labels=labels, device=device)
+        yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fdm_fast.fid", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("ref", help="dataset -> reference statistics (.npz with mu, sigma)")
+    r.add_argument("--data", required=True, help="dataset zip or folder (EDM format)")
+    r.add_argument("--dest", required=True, help="output .npz")
+    c = sub.add_parser("calc", help="FID of images (a folder / zip, or generated on the fly) against a reference")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--images", help="folder or zip of generated images")
+    g.add_argument("--network", help="a training snapshot to sample from")
+    c.add_argument("--ref", required=True, help="reference statistics .npz (from `ref`, or EDM's)")
+    c.add_argument("--num", type=int, default=50000, help="images to generate with --network (default 50000)")
+    c.add_argument("--steps", type=int, default=18, help="Heun steps with --network (default 18)")
+    for p in (r, c):
+        p.add_argument("--inception", default=None, help=f"path to {INCEPTION_FILE}")
+        p.add_argument("--batch", type=int, default=100)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.cmd == "calc" and not os.path.isfile(args.ref):
+            raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
+        extractor = load_inception(args.inception, device)
+        if args.cmd == "ref":
+            mu, sigma = statistics(features(extractor, _image_batches(args.data, args.batch), device))
+            os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
+            np.savez(args.dest, mu=mu, sigma=sigma)
+            print(f"wrote {args.dest}")
+            return 0
+        batches = _image_batches(args.images, args.batch) if args.images else \
+            _generated_batches(args.network, args.num, args.batch, args.steps, device)
+        mu, sigma = statistics(features(extractor, batches, device))
+        ref = np.load(args.ref)
+        print(f"FID {frechet_distance(mu, sigma, ref['mu'], ref['sigma']):.4f}")
+        return 0
+    except FIDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # dataset errors and the like: one line, no traceback
+        from .data import DatasetError
+
+        if isinstance(e, DatasetError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
