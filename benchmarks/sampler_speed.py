@@ -10,7 +10,7 @@ and the step overhead alone (a trivial denoiser, F = 0, at 64x3x64x64): official
 NFE (analytic): a Gaussian-mixture dataset whose ideal denoiser is known in closed form
 (fdm_fast.gmm); for Heun and Euler at each NFE, the RMS distance of the samples to a 500-step
 solution from the same noise, and the error of the samples' mean and covariance against the
-mixture's. (FID vs NFE needs a trained snapshot and Inception weights; not in this script yet.)
+mixture's, also for DPM-Solver++(2M). (FID vs NFE needs a trained snapshot and Inception weights; not in this script yet.)
 
 Writes a table to stdout, JSON and a PNG plot (matplotlib, if installed) next to --out, and rows to
 benchmarks/RESULTS.md.
@@ -34,7 +34,7 @@ from _harness import append_results, machine_name, sync  # noqa: E402
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
-from fdm_fast.sampling import edm_sampler  # noqa: E402
+from fdm_fast.sampling import dpm_solver_pp_2m, edm_sampler  # noqa: E402
 from fdm_fast.schedules import edm_time_steps  # noqa: E402
 
 
@@ -131,10 +131,13 @@ def nfe_analytic(args):
     seeds = list(range(args.nfe_samples))
     ref = edm_sampler(gmm, seeds, num_steps=500, device="cpu").double()
     m, cov = gmm.moments()
-    for sampler in ("heun", "euler"):
+    for sampler in ("heun", "euler", "dpm++2m"):
         for nfe in args.nfe:
             steps = (nfe + 1) // 2 if sampler == "heun" else nfe
-            x = edm_sampler(gmm, seeds, num_steps=steps, heun=sampler == "heun", device="cpu").double()
+            if sampler == "dpm++2m":
+                x = dpm_solver_pp_2m(gmm, seeds, num_steps=steps, device="cpu").double()
+            else:
+                x = edm_sampler(gmm, seeds, num_steps=steps, heun=sampler == "heun", device="cpu").double()
             flat = x.reshape(len(seeds), -1)
             rows.append(dict(kind="nfe", sampler=sampler, nfe=2 * steps - 1 if sampler == "heun" else steps,
                              rms_to_reference=(x - ref).pow(2).mean().sqrt().item(),
@@ -160,7 +163,7 @@ def plot(rows, path):
     axes[0].set(xlabel="NFE", ylabel="images / s", title=f"speed, batch {sp[0]['batch'] if sp else ''}")
     axes[0].legend()
     nf = [r for r in rows if r["kind"] == "nfe"]
-    for s in ("heun", "euler"):
+    for s in ("heun", "euler", "dpm++2m"):
         pts = sorted((r["nfe"], r["rms_to_reference"]) for r in nf if r["sampler"] == s)
         if pts:
             axes[1].loglog(*zip(*pts), marker="o", label=s)
