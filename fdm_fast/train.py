@@ -31,6 +31,7 @@ import torch
 
 from . import ops
 from .data import DatasetError, open_dataset
+from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
@@ -122,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--ema", type=float, default=None, help="EMA half-life in Mimg (recipe default: 0.5)")
     a("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio: half-life <= ratio x images seen (default 0.05)")
     a("--dropout", type=float, default=None, help="dropout probability (recipe default)")
-    a("--augment", type=float, default=None, help="non-leaky augmentation probability (recipe default)")
+    a("--augment", type=float, default=None, help="non-leaky augmentation probability p, EDM's pipeline "
+                                                  "(recipe default: 0.12 cifar10, 0.15 ffhq/afhqv2, 0 digits)")
     a("--xflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips of the data")
     a("--warmup-ite", type=int, default=None, help="FDM loss-weight warm-up length in optimizer steps "
                                                    "(default: 200 for fdm_edm on cifar10, 800 on ffhq, else 400)")
@@ -167,6 +169,8 @@ def resolve(args: argparse.Namespace) -> Options:
         raise SystemExit("error: --precision fp16 with an FDM preconditioning: FDM's network input is "
                          "c_in (y + sigma n) with c_in about 4e-8 at sigma 80 (m = 2), below fp16's range; "
                          "use --precision bf16 (same exponent range as fp32) or fp32")
+    if args.augment is not None and not 0 <= args.augment <= 1:
+        raise SystemExit(f"error: --augment: expected a probability in [0, 1], got {args.augment}")
     if args.fdm_multiplier is not None and not args.precond.startswith("fdm_"):
         raise SystemExit(f"error: --fdm-multiplier applies to the fdm_* preconditionings, got --precond {args.precond}")
     snap = args.snap or max(kimg / 10, batch / 1000)
@@ -292,9 +296,6 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     dataset = open_dataset(o.ds, o.data, use_labels=o.cond, resolution=o.resolution)
     if o.cond and not dataset.label_dim:
         raise DatasetError(f"--cond: {o.data or o.ds} has no labels (dataset.json)")
-    if o.augment > 0:
-        raise SystemExit("error: --augment > 0: the non-leaky augmentation pipeline is not implemented yet in "
-                         "fdm_fast; pass --augment 0 (the recipes for cifar10/ffhq/afhqv2 use it)")
     batch_gpu_total = o.batch // world
     if batch_gpu_total * world != o.batch:
         raise SystemExit(f"error: --batch {o.batch} is not divisible by the {world} ranks")
@@ -310,7 +311,9 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     precond_options = {"fdm_multiplier": o.fdm_multiplier} if o.fdm_multiplier is not None else {}
     config = dict(precond=o.precond, precond_options=precond_options, arch=o.arch,
                   img_resolution=dataset.resolution, img_channels=dataset.num_channels,
-                  label_dim=dataset.label_dim if o.cond else 0, augment_dim=0, network=network)
+                  label_dim=dataset.label_dim if o.cond else 0, augment_dim=AUGMENT_DIM if o.augment > 0 else 0,
+                  network=network)
+    augment = AugmentPipe(p=o.augment) if o.augment > 0 else None
     torch.manual_seed(o.seed)
     net = build_denoiser(config).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -417,18 +420,23 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
             idx, keys = torch.from_numpy(idx), torch.from_numpy(keys)
             y = images_all[idx].to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
             labels = labels_all[idx].to(device) if labels_all is not None else None
-            u = sample_uniforms(o.seed, keys, 2)  # this sample's sigma and flip, keyed by its global index
+            # this sample's sigma, flip and augmentation, keyed by its global index
+            u = sample_uniforms(o.seed, keys, 2 + (NUM_UNIFORMS if augment else 0))
             if o.xflip:
                 y = torch.where((u[:, 1] < 0.5).to(device).reshape(-1, 1, 1, 1), y.flip(3), y)
             if device.type == "cuda":
                 y = y.contiguous(memory_format=torch.channels_last)
+            aug_labels = None
+            if augment is not None:
+                y, aug_labels = augment(y, u[:, 2:])
+                y = y.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else y.contiguous()
             sigma = net.precond.sigma_from_uniform(u[:, 0]).to(device=device, dtype=torch.float32)
             seed, offset = noise_rng(o.seed, keys, per_sample, device)
             sync = world == 1 or r == rounds - 1
             ctx = model.no_sync() if (world > 1 and not sync and hasattr(model, "no_sync")) else _null()
             with ctx:
                 loss = training_loss(train_net, y, sigma, seed=seed, offset=offset, clamp=clamp, labels=labels,
-                                     net_dtype=net_dtype, backend=o.backend)
+                                     augment_labels=aug_labels, net_dtype=net_dtype, backend=o.backend)
                 (loss.sum() / batch_gpu_total).backward()
             tick_loss += float(loss.detach().sum())
             tick_n += batch_gpu

@@ -97,3 +97,35 @@ def test_missing_named_dataset_says_how_to_prepare(tmp_path, monkeypatch):
         open_dataset("cifar10")
     with pytest.raises(DatasetError, match="no such file"):
         open_dataset("ffhq", data="nowhere.zip")
+
+
+def _blob(n=2, res=32):
+    import torch
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
+    return (torch.exp(-((xx - 0.2) ** 2 + 2 * (yy + 0.1) ** 2) / 0.1) * 2 - 1)[None, None].repeat(n, 3, 1, 1)
+
+
+def test_augment_pipe_transforms_and_labels():
+    import torch
+
+    from fdm_fast.data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe
+
+    x = _blob()
+    u = torch.rand(2, NUM_UNIFORMS, generator=torch.Generator().manual_seed(0))
+    y, labels = AugmentPipe(0.0)(x, u)
+    assert torch.equal(y, x) and labels.shape == (2, AUGMENT_DIM) and not labels.any()  # p = 0: nothing
+    only = dict(xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
+    u[:, 0] = 0.2
+    y, labels = AugmentPipe(1.0, **dict(only, xflip=1e8))(x, u)
+    assert (y - x.flip(3)).abs().max() < 1e-4 and labels[:, 0].eq(1).all()  # identity resampling is ~exact
+    u[:, 6] = 0.75  # a quarter turn
+    y, labels = AugmentPipe(1.0, **dict(only, rotate_frac=1))(x, u)
+    assert (y - torch.rot90(x, 1, (2, 3))).abs().max() < 0.05
+    assert torch.allclose(labels[:, 3:5], torch.tensor([[-1.0, 1.0]] * 2), atol=1e-6)  # cos - 1, sin
+    # every image's augmentation depends on its own uniforms only
+    full = AugmentPipe(0.7)
+    u = torch.rand(3, NUM_UNIFORMS, generator=torch.Generator().manual_seed(1))
+    both, lab = full(_blob(3), u)
+    alone, lab1 = full(_blob(1), u[1:2])
+    assert torch.allclose(both[1], alone[0], atol=1e-5) and torch.equal(lab[1], lab1[0])

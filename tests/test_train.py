@@ -126,13 +126,14 @@ def test_loss_falls_on_digits(tmp_path):
     assert (tmp_path / "options.json").exists() and list(tmp_path.glob("samples-*.png"))
 
 
-def test_resume_is_exact(tmp_path):
-    """N steps + resume + N steps equals 2N steps, bitwise (CPU)."""
+@pytest.mark.parametrize("augment", ["0", "0.5"])
+def test_resume_is_exact(tmp_path, augment):
+    """N steps + resume + N steps equals 2N steps, bitwise (CPU), with and without augmentation."""
     a, b = tmp_path / "a", tmp_path / "b"
-    full = training_loop(tiny_options(a, "--kimg", "100", "--dropout", "0.1"), quiet=True, stop_after_steps=8)
-    training_loop(tiny_options(b, "--kimg", "100", "--dropout", "0.1"), quiet=True, stop_after_steps=4)
-    resumed = training_loop(tiny_options(b, "--kimg", "100", "--dropout", "0.1", "--resume", "auto"), quiet=True,
-                            stop_after_steps=4)
+    opts = ("--kimg", "100", "--dropout", "0.1", "--augment", augment)
+    full = training_loop(tiny_options(a, *opts), quiet=True, stop_after_steps=8)
+    training_loop(tiny_options(b, *opts), quiet=True, stop_after_steps=4)
+    resumed = training_loop(tiny_options(b, *opts, "--resume", "auto"), quiet=True, stop_after_steps=4)
     assert resumed["step"] == full["step"] == 8
     for (k, p), q in zip(full["net"].state_dict().items(), resumed["net"].state_dict().values()):
         assert torch.equal(p, q), k
