@@ -3,13 +3,16 @@
 #   1. builds fdm_fast._C with its CUDA kernels in place (sm_90 only, for speed)
 #   2. runs the GPU tests: the cuda and triton backends against the float64 reference, noise equality,
 #      torch.compile(fullgraph) and CUDA-graph capture (the edm / fdm_edm cases, to fit the time)
-#   3. runs benchmarks/ops_bandwidth.py and benchmarks/train_throughput.py (64x64 DDPM++, batch 64)
-# Everything goes into OUTDIR: env.txt, build.log, tests.log, bench.log, train.log, ops.json, train.json, RESULTS_gpu.md
-# (rows to append to benchmarks/RESULTS.md), summary.txt. A failed stage is recorded; the rest run.
+#   3. runs benchmarks/ops_bandwidth.py, train_throughput.py and sampler_speed.py (64x64 DDPM++, batch 64)
+# Logs (env, build, tests, bench, train, sampler), JSON and RESULTS_gpu.md (rows to append to
+# benchmarks/RESULTS.md) end up in OUTDIR/gpu_check.tar.gz. A failed stage is recorded; the rest run.
 #
 #   bash benchmarks/gpu_check.sh "$OUT"          (GPU_CHECK_QUICK=1: a smaller run to dry-run the script)
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+top=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+# The device tool returns at most 8 files: everything is written under OUTDIR/all, then packed into
+# OUTDIR/gpu_check.tar.gz beside copies of summary.txt, RESULTS_gpu.md and sampler.png.
+out="$top/all"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,7 +37,7 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
   command -v nvcc && nvcc --version | tail -n 2; } > "$out/env.txt" 2>&1
 head -n 20 "$out/env.txt" | grep -E "torch|device|release" | tee -a "$summary"
 
-stage build 180 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+stage build 150 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
   FDM_FAST_EXT_REQUIRED=1 $py setup.py build_ext --inplace
 $py -c "import fdm_fast.ops as o; print('backends on cuda:', o.available_backends('cuda'), '| cpu:', o.available_backends('cpu'))" \
   2>&1 | tee -a "$summary"
@@ -43,13 +46,19 @@ sel="edm"
 [ "$quick" = "1" ] && sel="fdm_edm and shape0 and dtype0"
 xdist=""
 $py -c "import xdist" 2>/dev/null && [ "$quick" != "1" ] && xdist="-n 8"
-stage tests 150 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "$sel or gpu or cuda or graph or compile" \
+stage tests 120 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "$sel or gpu or cuda or graph or compile" \
   tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
 
 bench=(--json "$out/ops.json" --results "$out/RESULTS_gpu.md" --ops perturb loss heun)
 [ "$quick" = "1" ] && bench+=(--sizes b64 --dtypes fp32 --ops perturb --no-compile --reps 3)
-stage bench 150 "$out/bench.log" $py benchmarks/ops_bandwidth.py "${bench[@]}"
+stage bench 120 "$out/bench.log" $py benchmarks/ops_bandwidth.py "${bench[@]}"
 train=(--json "$out/train.json" --results "$out/RESULTS_gpu.md")
 [ "$quick" = "1" ] && train+=(--steps 2 --warmup 1 --no-compile)
 stage train 120 "$out/train.log" $py benchmarks/train_throughput.py "${train[@]}"
+sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --batch 64 --speed-nfe 35 --nfe 13 35 --nfe-samples 500)
+[ "$quick" = "1" ] && sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1)
+stage sampler 120 "$out/sampler.log" $py benchmarks/sampler_speed.py "${sampler[@]}"
 echo "done" | tee -a "$summary"
+tar -czf "$top/gpu_check.tar.gz" -C "$top" all
+for f in summary.txt RESULTS_gpu.md sampler.png; do [ -f "$out/$f" ] && cp "$out/$f" "$top/"; done
+rm -rf "$out"

@@ -5,6 +5,7 @@ Speed, for a SongUNet (random weights: speed does not depend on them) at each ba
                 preconditioning's forward
   fused         fdm_fast.sampling.edm_sampler: float32 state, fused step ops, eager UNet
   fused+compile the same with torch.compile of the UNet (compile time reported apart)
+  fused+compile+graph   (CUDA) the whole sampling loop captured as one CUDA graph, replayed
 and the step overhead alone (a trivial denoiser, F = 0, at 64x3x64x64): official vs fused.
 
 NFE (analytic): a Gaussian-mixture dataset whose ideal denoiser is known in closed form
@@ -34,7 +35,7 @@ from _harness import append_results, machine_name, sync  # noqa: E402
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
-from fdm_fast.sampling import dpm_solver_pp_2m, edm_sampler  # noqa: E402
+from fdm_fast.sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler  # noqa: E402
 from fdm_fast.schedules import edm_time_steps  # noqa: E402
 
 
@@ -106,6 +107,14 @@ def speed(args, device):
                 "fused": lambda: edm_sampler(net, seeds, num_steps=steps, device=device),
                 "fused+compile": lambda: edm_sampler(compiled, seeds, num_steps=steps, device=device),
             }
+            if device.type == "cuda":  # the whole loop as one CUDA graph (captured on the first call)
+                holder = {}
+
+                def graphed(seeds=seeds, steps=steps, holder=holder):
+                    if "g" not in holder:
+                        holder["g"] = GraphedSampler(compiled, len(seeds), num_steps=steps)
+                    return holder["g"](seeds)
+                variants["fused+compile+graph"] = graphed
             for name, fn in variants.items():
                 t, first = timed(fn, device, args.reps)
                 rows.append(dict(kind="speed", network=desc, batch=batch, nfe=2 * steps - 1, variant=name,
@@ -187,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 CPU, 10 GPU)")
     ap.add_argument("--out", type=Path, default=Path("sampler_speed"), help="prefix of the .json / .png outputs")
     ap.add_argument("--no-results", action="store_true")
+    ap.add_argument("--results", type=Path, default=None, help="append rows here instead of benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     args.batch = args.batch or [64]
@@ -225,11 +235,11 @@ def main(argv=None):
         cmd = f"`python benchmarks/sampler_speed.py {' '.join(argv or sys.argv[1:])}`"
         append_results("sampler_speed: speed", header, table, [f"Machine: {machine}", f"Command: {cmd}",
                                                                 "official = EDM's float64 op-by-op sampler; fused = "
-                                                                "fdm_fast.sampling on the fused step ops"])
+                                                                "fdm_fast.sampling on the fused step ops"], path=args.results)
         append_results("sampler_speed: NFE on the analytic mixture", nheader, ntable,
                        [f"Machine: {machine}", f"Command: {cmd}",
                         f"precond {args.precond}; {args.nfe_samples} samples; the reference solution is Heun "
-                        "with 500 steps from the same noise"])
+                        "with 500 steps from the same noise"], path=args.results)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,17 @@ def test_dpm_solver_pp_2m_matches_independent_implementation(name):
     heun = edm_sampler(gmm, list(range(6)), num_steps=200, device="cpu").double()
     fine = dpm_solver_pp_2m(gmm, list(range(6)), num_steps=400, device="cpu").double()
     assert (fine - heun).abs().max().item() < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+def test_cuda_graph_sampling_equals_eager():
+    from fdm_fast.nn import build_denoiser
+    from fdm_fast.sampling import GraphedSampler
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3,
+               network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    net = build_denoiser(cfg).cuda().eval().requires_grad_(False)
+    sampler = GraphedSampler(net, batch=8, num_steps=6, S_churn=10)
+    for seeds in (range(8), range(100, 108)):
+        want = edm_sampler(net, list(seeds), num_steps=6, S_churn=10)
+        torch.testing.assert_close(sampler(list(seeds)), want, rtol=1e-5, atol=1e-5)
