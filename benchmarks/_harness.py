@@ -34,36 +34,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device: torch.device, *, reps: int, warmup: int = 2, min_time: float = 0.0):
-    """(median seconds per call, seconds of the first call). The first call (compilation, autotuning,
-    allocation) is reported apart and excluded, as are ``warmup`` more calls."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_time:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        if len(times) >= 10 * reps:
-            break
-    return statistics.median(times), first
-
-
 def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int = 2):
     """{name: (median seconds, first-call seconds)} with the calls of all ``fns`` interleaved round-robin,
     so that a slow phase of a shared machine (another tenant, frequency changes) hits every
@@ -114,7 +84,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
     """Measured device copy bandwidth in bytes/s (read + write counted) on a buffer far above cache."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t, _ = time_fn(lambda: dst.copy_(src), device, reps=reps)
+    t, _ = time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps=reps)["copy"]
     return 2 * nbytes / t
 
 

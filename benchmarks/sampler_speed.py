@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import append_results, machine_name, sync  # noqa: E402
+from _harness import append_results, machine_name, time_interleaved  # noqa: E402
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
@@ -66,22 +64,6 @@ class Zero(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-def timed(fn, device, reps):
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), first
-
-
 def speed(args, device):
     rows = []
     if args.preset == "ffhq64" or (args.preset == "auto" and device.type == "cuda"):
@@ -115,8 +97,9 @@ def speed(args, device):
                         holder["g"] = GraphedSampler(compiled, len(seeds), num_steps=steps)
                     return holder["g"](seeds)
                 variants["fused+compile+graph"] = graphed
-            for name, fn in variants.items():
-                t, first = timed(fn, device, args.reps)
+            timed = time_interleaved(variants, device, reps=args.reps, warmup=0)
+            for name in variants:
+                t, first = timed[name]
                 rows.append(dict(kind="speed", network=desc, batch=batch, nfe=2 * steps - 1, variant=name,
                                  seconds=t, img_per_s=batch / t, ms_per_nfe=1e3 * t / (2 * steps - 1),
                                  first_call_s=first))
@@ -125,9 +108,11 @@ def speed(args, device):
     triv.model = Zero()
     triv = triv.to(device)
     batch, steps = 64, 18
-    for name, fn in {"official": lambda: official_sampler(triv, torch.randn(batch, 3, 64, 64, device=device), steps),
-                     "fused": lambda: edm_sampler(triv, list(range(batch)), num_steps=steps, device=device)}.items():
-        t, first = timed(fn, device, args.reps)
+    timed = time_interleaved({
+        "official": lambda: official_sampler(triv, torch.randn(batch, 3, 64, 64, device=device), steps),
+        "fused": lambda: edm_sampler(triv, list(range(batch)), num_steps=steps, device=device)}, device,
+        reps=args.reps, warmup=0)
+    for name, (t, first) in timed.items():
         rows.append(dict(kind="overhead", network="F = 0 (sampler only), 64x3x64x64", batch=batch, nfe=2 * steps - 1,
                          variant=name, seconds=t, img_per_s=batch / t, ms_per_nfe=1e3 * t / (2 * steps - 1),
                          first_call_s=first))

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import append_results, machine_name, sync  # noqa: E402
+from _harness import append_results, machine_name, time_interleaved  # noqa: E402
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.loss import fdm_clamp, training_loss  # noqa: E402
@@ -112,23 +110,9 @@ def main(argv=None):
         opt_f.zero_grad(set_to_none=True)
 
     variants = {"official": official, "fdm_fast": fused}
-    first, times = {}, {k: [] for k in variants}
-    for k, fn in variants.items():
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        first[k] = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            fn()
-    for _ in range(steps):
-        for k, fn in variants.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    timed = time_interleaved(variants, device, reps=steps, warmup=args.warmup)
+    med = {k: v[0] for k, v in timed.items()}
+    first = {k: v[1] for k, v in timed.items()}
     machine = machine_name(device)
     params = count_parameters(net_o.model)
     desc = f"{cfg['img_resolution']}x{cfg['img_resolution']}x{cfg['img_channels']} DDPM++ ({params:,} params)"
