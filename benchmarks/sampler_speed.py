@@ -11,7 +11,8 @@ and the step overhead alone (a trivial denoiser, F = 0, at 64x3x64x64): official
 NFE (analytic): a Gaussian-mixture dataset whose ideal denoiser is known in closed form
 (fdm_fast.gmm); for Heun and Euler at each NFE, the RMS distance of the samples to a 500-step
 solution from the same noise, and the error of the samples' mean and covariance against the
-mixture's, also for DPM-Solver++(2M). (FID vs NFE needs a trained snapshot and Inception weights; not in this script yet.)
+mixture's, also for DPM-Solver++(2M). With ``--network SNAP --ref REF.npz --inception WEIGHTS``: FID vs
+NFE per sampler for that trained snapshot.
 
 Writes a table to stdout, JSON and a PNG plot (matplotlib, if installed) next to --out, and rows to
 benchmarks/RESULTS.md.
@@ -140,6 +141,38 @@ def nfe_analytic(args):
     return rows
 
 
+def _samples_uint8(net, sampler, steps, num, batch, device):
+    for i in range(0, num, batch):
+        seeds = list(range(i, min(i + batch, num)))
+        if sampler == "dpm++2m":
+            x = dpm_solver_pp_2m(net, seeds, num_steps=steps, device=device)
+        else:
+            x = edm_sampler(net, seeds, num_steps=steps, heun=sampler == "heun", device=device)
+        yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def nfe_fid(args, device, extractor=None):
+    """FID vs NFE per sampler for a trained snapshot against reference statistics (fdm_fast.fid)."""
+    import numpy as np
+
+    from fdm_fast.fid import features, frechet_distance, load_inception, statistics
+    from fdm_fast.train import load_snapshot
+
+    net = load_snapshot(str(args.network), device)
+    extractor = extractor or load_inception(args.inception, device)
+    ref = np.load(args.ref)
+    rows = []
+    for sampler in ("heun", "euler", "dpm++2m"):
+        for nfe in args.nfe:
+            steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+            feats = features(extractor, _samples_uint8(net, sampler, steps, args.fid_num, args.batch[0], device),
+                             device)
+            mu, sigma = statistics(feats)
+            rows.append(dict(kind="fid", sampler=sampler, nfe=2 * steps - 1 if sampler == "heun" else steps,
+                             fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), images=args.fid_num))
+    return rows
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -180,6 +213,11 @@ def main(argv=None):
     ap.add_argument("--nfe-samples", type=int, default=2000, help="samples per point of the NFE study")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 CPU, 10 GPU)")
     ap.add_argument("--out", type=Path, default=Path("sampler_speed"), help="prefix of the .json / .png outputs")
+    ap.add_argument("--network", type=Path, default=None,
+                    help="a training snapshot: also measure FID vs NFE per sampler (needs --ref and the weights)")
+    ap.add_argument("--ref", type=Path, default=None, help="reference statistics .npz for the FID study")
+    ap.add_argument("--inception", default=None, help="Inception-v3 weights for the FID study (see fdm_fast.fid)")
+    ap.add_argument("--fid-num", type=int, default=10000, help="images per FID point (default 10000)")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--results", type=Path, default=None, help="append rows here instead of benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
@@ -189,7 +227,18 @@ def main(argv=None):
     ops.set_value_checks(False)
     speed_args = argparse.Namespace(**vars(args))
     speed_args.nfe = args.speed_nfe or (args.nfe if device.type == "cuda" else [13, 35])
+    if args.network is not None:  # fail early, before minutes of timing, if the FID study cannot run
+        from fdm_fast.fid import FIDError, inception_weights
+
+        try:
+            if args.ref is None or not args.ref.is_file():
+                raise FIDError(f"--ref {args.ref}: the FID study needs reference statistics (python -m fdm_fast.fid ref)")
+            inception_weights(args.inception)
+        except FIDError as e:
+            raise SystemExit(f"error: {e}")
     rows = speed(speed_args, device) + nfe_analytic(args)
+    if args.network is not None:
+        rows += nfe_fid(args, device)
     machine = machine_name(device)
     print(machine)
     header = ["kind", "what", "batch", "NFE", "variant", "img/s", "ms/NFE", "first call s"]
@@ -211,6 +260,11 @@ def main(argv=None):
     print("\nanalytic Gaussian mixture (6 components, 3x4x4):")
     for t in ntable:
         print(" | ".join(t))
+    ftable = [[r["sampler"], str(r["nfe"]), f"{r['fid']:.2f}", str(r["images"])] for r in rows if r["kind"] == "fid"]
+    if ftable:
+        print(f"\nFID vs NFE ({args.network}):")
+        for t in ftable:
+            print(" | ".join(t))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(args.out) + ".json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
     png = plot(rows, str(args.out) + ".png")
@@ -225,6 +279,10 @@ def main(argv=None):
                        [f"Machine: {machine}", f"Command: {cmd}",
                         f"precond {args.precond}; {args.nfe_samples} samples; the reference solution is Heun "
                         "with 500 steps from the same noise"], path=args.results)
+        if ftable:
+            append_results("sampler_speed: FID vs NFE", ["sampler", "NFE", "FID", "images"], ftable,
+                           [f"Machine: {machine}", f"Command: {cmd}", f"network {args.network}, reference {args.ref}"],
+                           path=args.results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .sampling import dpm_solver_pp_2m, edm_sampler
+from .sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler
 from .train import init_distributed, load_snapshot, save_grid
 
 
@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     ap.add_argument("--outdir", default=None, help="write one PNG per seed here (1000 per subfolder)")
     ap.add_argument("--grid", default=None, help="write all images as one grid PNG here")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="network precision (default fp32)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the network (default: on with CUDA)")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay the whole Heun/Euler loop as one CUDA graph per full batch (default: on with CUDA)")
     args = ap.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
@@ -70,6 +74,9 @@ def main(argv=None) -> int:
         print(f"error: --network {args.network}: no such file", file=sys.stderr)
         return 2
     rank, world, device = init_distributed()
+    if args.cuda_graph and device.type != "cuda":
+        print("error: --cuda-graph needs a CUDA device", file=sys.stderr)
+        return 2
     net = load_snapshot(args.network, device)
     labels_for = None
     if net.label_dim:
@@ -92,10 +99,18 @@ def main(argv=None) -> int:
               S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
               heun=args.sampler == "heun", device=device,
               net_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    if args.compile if args.compile is not None else device.type == "cuda":
+        net.model = torch.compile(net.model)
+    use_graph = (args.cuda_graph if args.cuda_graph is not None else device.type == "cuda") \
+        and args.sampler != "dpm2m" and labels_for is None
+    graphed = None
     results = []
     for batch in tqdm(batches, unit="batch", disable=rank != 0, desc="generate"):
         labels = labels_for(batch) if labels_for else None
-        if args.sampler == "dpm2m":
+        if use_graph and len(batch) == args.batch:
+            graphed = graphed or GraphedSampler(net, args.batch, **kw)
+            images = graphed(batch)
+        elif args.sampler == "dpm2m":
             images = dpm_solver_pp_2m(net, batch, num_steps=args.steps, sigma_min=args.sigma_min,
                                       sigma_max=args.sigma_max, rho=args.rho, class_labels=labels, device=device,
                                       net_dtype=kw["net_dtype"])

@@ -42,3 +42,34 @@ def test_fid_cli_without_weights_says_what_file_is_needed(tmp_path):
                         str(tmp_path / "x.npz"), "--inception", str(tmp_path / "nope.pth")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "nope.pth: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sampler_speed_fid_study_pipeline(tmp_path):
+    """The FID-vs-NFE study end to end with a stand-in feature extractor (the real Inception weights
+    cannot be had here): snapshot -> samplers -> features -> statistics -> Frechet distance."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sampler_speed
+    from fdm_fast.fid import features, statistics
+    from fdm_fast.nn import build_denoiser
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
+               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
+    torch.manual_seed(0)
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), tmp_path / "snap.pt")
+    proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(1))
+    stand_in = lambda x: (x.float().reshape(len(x), -1) / 255) @ proj  # noqa: E731
+    real = [torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8) for _ in range(3)]
+    mu, sigma = statistics(features(stand_in, real, "cpu"))
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    args = argparse.Namespace(network=tmp_path / "snap.pt", ref=tmp_path / "ref.npz", inception=None, nfe=[3, 5],
+                              fid_num=24, batch=[12])
+    rows = sampler_speed.nfe_fid(args, torch.device("cpu"), extractor=stand_in)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("heun", 3), ("heun", 5), ("euler", 3), ("euler", 5),
+                                                        ("dpm++2m", 3), ("dpm++2m", 5)]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
