@@ -135,17 +135,30 @@ Tensor empty_like_layout(const Tensor& ref, at::ScalarType dt) {
   return poisoned(at::empty(ref.sizes(), ref.options().dtype(dt).memory_format(layout_of(ref))));
 }
 
-// Runs `cpu_fn` or `cuda_fn` for a real tensor; nothing for Meta.
-template <class CpuFn, class CudaFn>
-void run(const Tensor& ref, const CpuFn& cpu_fn, const CudaFn& cuda_fn) {
+// The CUDA entry point of an op, or nullptr in a CPU-only build.
+#ifdef FDM_WITH_CUDA
+#define FDM_CUDA_FN(name) (&fdm::cuda::name)
+#else
+#define FDM_CUDA_FN(name) nullptr
+#endif
+
+// Runs the op's CPU kernel or CUDA launcher on `args` for a real tensor; nothing for Meta.
+template <class T>
+struct NonDeduced {  // keeps a nullptr CUDA entry point (CPU-only build) out of template deduction
+  using type = T;
+};
+
+template <class Args>
+void run(const Tensor& ref, const Args& args, void (*cpu_fn)(const Args&),
+         typename NonDeduced<void (*)(const Args&, void*)>::type cuda_fn) {
   if (ref.device().is_meta() || ref.numel() == 0) return;
   if (ref.device().is_cpu()) {
-    cpu_fn();
+    cpu_fn(args);
     return;
   }
 #ifdef FDM_WITH_CUDA
   const c10::cuda::CUDAGuard guard(ref.device());
-  cuda_fn(static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
+  cuda_fn(args, static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
 #else
   (void)cuda_fn;
 #endif
@@ -169,11 +182,7 @@ std::tuple<Tensor, Tensor> perturb(const Tensor& y, const Tensor& sigma, const T
   a.y = y.data_ptr();
   a.net_in = net_in.data_ptr();
   a.x = write_x ? x.data_ptr<float>() : nullptr;
-  run(y, [&] { fdm::cpu::perturb(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::perturb(a, s);
-#endif
-  });
+  run(y, a, &fdm::cpu::perturb, FDM_CUDA_FN(perturb));
   return {net_in, x};
 }
 
@@ -188,11 +197,7 @@ Tensor randn(at::IntArrayRef shape, const Tensor& rng) {
   a.noise = noise_from(rng, c10::nullopt, ref, keep);
   if (out.device().is_meta()) return out;
   a.out = out.data_ptr<float>();
-  run(out, [&] { fdm::cpu::randn(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::randn(a, s);
-#endif
-  });
+  run(out, a, &fdm::cpu::randn, FDM_CUDA_FN(randn));
   return out;
 }
 
@@ -233,11 +238,7 @@ std::tuple<Tensor, Tensor> loss_fwd(const Tensor& F, const Tensor& y, const Tens
 #endif
   Tensor partial = poisoned(at::empty({a.g.B, a.parts}, F.options().dtype(at::kFloat)));
   a.partial = partial.data_ptr<float>();
-  run(F, [&] { fdm::cpu::loss_fwd(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::loss_fwd(a, s);
-#endif
-  });
+  run(F, a, &fdm::cpu::loss_fwd, FDM_CUDA_FN(loss_fwd));
   return {partial.sum(1), G};
 }
 
@@ -250,11 +251,7 @@ Tensor scale_grad(const Tensor& G, const Tensor& grad) {
   a.grad = per_sample(g, "grad", G);
   a.F = G.data_ptr();
   a.dF = dF.data_ptr();
-  run(G, [&] { fdm::cpu::scale_grad(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::scale_grad(a, s);
-#endif
-  });
+  run(G, a, &fdm::cpu::scale_grad, FDM_CUDA_FN(scale_grad));
   return dF;
 }
 
@@ -268,11 +265,7 @@ Tensor loss_bwd(const Tensor& grad, const Tensor& F, const Tensor& y, const Tens
   Tensor g = grad.to(at::kFloat).contiguous();
   a.grad = per_sample(g, "grad", F);
   a.dF = dF.data_ptr();
-  run(F, [&] { fdm::cpu::loss_bwd(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::loss_bwd(a, s);
-#endif
-  });
+  run(F, a, &fdm::cpu::loss_bwd, FDM_CUDA_FN(loss_bwd));
   return dF;
 }
 
@@ -292,11 +285,7 @@ std::tuple<Tensor, Tensor> churn(const Tensor& x, const Tensor& t_cur, const Ten
   a.x = x.data_ptr<float>();
   a.x_out = x_out.data_ptr<float>();
   a.net_in = net_in.data_ptr();
-  run(x, [&] { fdm::cpu::churn(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::churn(a, s);
-#endif
-  });
+  run(x, a, &fdm::cpu::churn, FDM_CUDA_FN(churn));
   return {x_out, net_in};
 }
 
@@ -318,11 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> euler_step(const Tensor& x, const Tensor& F, 
   a.x_out = x_out.data_ptr<float>();
   a.d_out = d.data_ptr<float>();
   a.net_in = net_in.data_ptr();
-  run(x, [&] { fdm::cpu::euler_step(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::euler_step(a, s);
-#endif
-  });
+  run(x, a, &fdm::cpu::euler_step, FDM_CUDA_FN(euler_step));
   return {x_out, d, net_in};
 }
 
@@ -350,11 +335,7 @@ std::tuple<Tensor, Tensor> heun_step(const Tensor& x, const Tensor& d, const Ten
   a.F = F.data_ptr();
   a.x_out = x_out.data_ptr<float>();
   a.net_in = net_in.data_ptr();
-  run(x, [&] { fdm::cpu::heun_step(a); }, [&](void* s) {
-#ifdef FDM_WITH_CUDA
-    fdm::cuda::heun_step(a, s);
-#endif
-  });
+  run(x, a, &fdm::cpu::heun_step, FDM_CUDA_FN(heun_step));
   return {x_out, net_in};
 }
 

@@ -43,9 +43,7 @@ def coefficients(s, KIND: tl.constexpr, FDM: tl.constexpr, sd, smin, smax, m, fb
         c_in = 1.0 / tl.sqrt_rn(s2 + sd2)
         weight = (s2 + sd2) / (s2 * sd2)
     if FDM:
-        tau = (s - smin) / (smax - smin)
-        mb = m * (fbm * tau + 0.5 * fbd * tau * tau)
-        c_in = tl.exp(-mb) * (1.0 + mb)
+        c_in = c_in_only(s, KIND, FDM, sd, smin, smax, m, fbm, fbd)
     return c_skip, c_out, c_in, weight
 
 
