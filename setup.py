@@ -7,15 +7,20 @@ has CUDA and nvcc is found. A failed build prints why and leaves the torch and t
 Environment variables:
   FDM_FAST_NO_EXT=1        do not build the extension at all (pure Python install)
   FDM_FAST_NO_CUDA=1       build only the CPU kernels
-  TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "8.0;9.0" (the default here: A100 and H100)
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX": A100 and H100/H200 kernels, plus
+                           PTX that newer GPUs compile at load time; without +PTX they would have no kernel)
   MAX_JOBS                 parallel compile jobs (torch.utils.cpp_extension)
   FDM_FAST_EXT_REQUIRED=1  make a failed extension build an error instead of a warning (CI)
 
 torch must be importable at build time, so install with --no-build-isolation (see README).
+Compiler: GCC >= 11 or Clang >= 14 (the CPU kernels use C++17 and AVX-512 intrinsics with per-function
+target attributes); an older one is named in the build's message.
 """
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -27,6 +32,22 @@ def _flag(name):
 
 def _say(msg):
     print(f"fdm_fast setup: {msg}", file=sys.stderr)
+
+
+def compiler_problem() -> str:
+    """Why the C++ compiler is too old for csrc/ (GCC < 11, Clang < 14), or '' when it is fine or unknown."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except Exception:
+        return ""
+    m = re.search(r"clang version (\d+)", out)
+    if m:
+        return f"{cxx} is Clang {m.group(1)}; the CPU kernels need Clang >= 14" if int(m.group(1)) < 14 else ""
+    m = re.search(r"(\d+)\.\d+(?:\.\d+)?\s*$", out.splitlines()[0] if out else "")
+    if "Free Software Foundation" in out and m and int(m.group(1)) < 11:
+        return f"{cxx} is GCC {m.group(1)}; the CPU kernels need GCC >= 11 (set CXX to a newer compiler)"
+    return ""
 
 
 def extension_build():
@@ -55,7 +76,7 @@ def extension_build():
         _say("nvcc not found: building the CPU kernels only")
     kwargs = dict(include_dirs=[os.path.join(here, "csrc", "include")])
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         _say(f"building the CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension("fdm_fast._C", sources + ["csrc/cuda/ops_cuda.cu"], define_macros=[("FDM_WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
@@ -68,12 +89,16 @@ def extension_build():
         """A failed compile says so and leaves the pure-Python backends installed."""
 
         def build_extension(self, ext):
+            old = compiler_problem()
+            if old:
+                _say(f"WARNING: {old}; the build below is expected to fail")
             try:
                 super().build_extension(ext)
             except Exception as e:
+                why = f" (likely cause: {old})" if old else ""
                 if _flag("FDM_FAST_EXT_REQUIRED"):
-                    raise
-                _say(f"WARNING: building {ext.name} failed ({type(e).__name__}: {e}); the torch and triton "
+                    raise RuntimeError(f"building {ext.name} failed{why}: {e}") from e
+                _say(f"WARNING: building {ext.name} failed{why} ({type(e).__name__}: {e}); the torch and triton "
                      "backends still work, the cpu/cuda backends are unavailable")
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}

@@ -74,19 +74,22 @@ fdm::Geometry geometry_of(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous() || is_channels_last(t), name,
                     ": expected a contiguous or channels_last tensor, got strides ", t.strides());
   const int64_t B = t.size(0), P = t.numel() / B;
+  TORCH_CHECK_VALUE(P < (int64_t(1) << 31), name, ": expected fewer than 2^31 elements per sample, got ", P);
   const bool cl = is_channels_last(t);
   const int64_t C = t.dim() == 4 ? t.size(1) : 1, HW = t.dim() == 4 ? t.size(2) * t.size(3) : P;
   return fdm::Geometry{B, P, HW, C, cl};
 }
 
-// Another data tensor of the op: same shape, device and memory layout as the main one.
+// Another data tensor of the op: same shape, device and memory layout as the main one. Layouts are
+// compared as memory orders, not strides: strides of size-1 dims never count, so a [B, 1, H, W]
+// tensor with channels_last strides matches a contiguous one (the same bytes in the same order).
 void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " (the shape of ", ref_name,
                     "), got ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(), " (the device of ",
                     ref_name, "), got ", t.device());
-  TORCH_CHECK_VALUE(t.strides() == ref.strides(), name, ": expected the memory layout of ", ref_name, " (strides ",
-                    ref.strides(), "), got strides ", t.strides());
+  TORCH_CHECK_VALUE(t.is_contiguous(layout_of(ref)), name, ": expected the memory layout of ", ref_name,
+                    " (strides ", ref.strides(), "), got strides ", t.strides());
 }
 
 void check_float32(const Tensor& t, const char* name) {
@@ -135,6 +138,19 @@ Tensor empty_like_layout(const Tensor& ref, at::ScalarType dt) {
   return poisoned(at::empty(ref.sizes(), ref.options().dtype(dt).memory_format(layout_of(ref))));
 }
 
+// Makes the tensor's device current for the whole op (allocation, device queries, launch); a no-op
+// for CPU and Meta tensors and in a CPU-only build.
+struct DeviceGuard {
+#ifdef FDM_WITH_CUDA
+  c10::OptionalDeviceGuard guard;
+  explicit DeviceGuard(const Tensor& t) {
+    if (t.device().is_cuda()) guard.reset_device(t.device());
+  }
+#else
+  explicit DeviceGuard(const Tensor&) {}
+#endif
+};
+
 // The CUDA entry point of an op, or nullptr in a CPU-only build.
 #ifdef FDM_WITH_CUDA
 #define FDM_CUDA_FN(name) (&fdm::cuda::name)
@@ -157,7 +173,7 @@ void run(const Tensor& ref, const Args& args, void (*cpu_fn)(const Args&),
     return;
   }
 #ifdef FDM_WITH_CUDA
-  const c10::cuda::CUDAGuard guard(ref.device());
+  const c10::cuda::CUDAGuard guard(ref.device());  // the op's DeviceGuard already set it; cheap
   cuda_fn(args, static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
 #else
   (void)cuda_fn;
@@ -169,6 +185,7 @@ void run(const Tensor& ref, const Args& args, void (*cpu_fn)(const Args&),
 std::tuple<Tensor, Tensor> perturb(const Tensor& y, const Tensor& sigma, const Tensor& rng,
                                    const optional<Tensor>& noise, int64_t kind, bool fdm_variant,
                                    at::ArrayRef<double> params, at::ScalarType out_dtype, bool write_x) {
+  const DeviceGuard device_guard(y);
   const fdm::Geometry g = geometry_of(y, "y");
   fdm::PerturbArgs a{g, spec_from(kind, fdm_variant, params)};
   a.y_t = dtype_from(y.scalar_type(), "y");
@@ -187,6 +204,7 @@ std::tuple<Tensor, Tensor> perturb(const Tensor& y, const Tensor& sigma, const T
 }
 
 Tensor randn(at::IntArrayRef shape, const Tensor& rng) {
+  const DeviceGuard device_guard(rng);
   TORCH_CHECK_VALUE(!shape.empty() && shape[0] >= 1, "shape: expected a non-empty shape with a batch, got ", shape);
   for (auto s : shape) TORCH_CHECK_VALUE(s >= 1, "shape: expected positive sizes, got ", shape);
   Tensor out = poisoned(at::empty(shape, rng.options().dtype(at::kFloat)));
@@ -226,6 +244,7 @@ fdm::LossArgs loss_args(const Tensor& F, const Tensor& y, const Tensor& sigma, c
 std::tuple<Tensor, Tensor> loss_fwd(const Tensor& F, const Tensor& y, const Tensor& sigma, const Tensor& rng,
                                     const optional<Tensor>& noise, const Tensor& clamp, int64_t kind,
                                     bool fdm_variant, at::ArrayRef<double> params, bool save_grad) {
+  const DeviceGuard device_guard(F);
   Tensor keep;
   fdm::LossArgs a = loss_args(F, y, sigma, rng, noise, clamp, kind, fdm_variant, params, keep);
   Tensor G = save_grad ? empty_like_layout(F, F.scalar_type()) : at::empty({0}, F.options());
@@ -243,6 +262,7 @@ std::tuple<Tensor, Tensor> loss_fwd(const Tensor& F, const Tensor& y, const Tens
 }
 
 Tensor scale_grad(const Tensor& G, const Tensor& grad) {
+  const DeviceGuard device_guard(G);
   fdm::LossArgs a{geometry_of(G, "G")};
   a.F_t = dtype_from(G.scalar_type(), "G");
   Tensor dF = empty_like_layout(G, G.scalar_type());
@@ -258,6 +278,7 @@ Tensor scale_grad(const Tensor& G, const Tensor& grad) {
 Tensor loss_bwd(const Tensor& grad, const Tensor& F, const Tensor& y, const Tensor& sigma, const Tensor& rng,
                 const optional<Tensor>& noise, const Tensor& clamp, int64_t kind, bool fdm_variant,
                 at::ArrayRef<double> params) {
+  const DeviceGuard device_guard(F);
   Tensor keep;
   fdm::LossArgs a = loss_args(F, y, sigma, rng, noise, clamp, kind, fdm_variant, params, keep);
   Tensor dF = empty_like_layout(F, F.scalar_type());
@@ -272,6 +293,7 @@ Tensor loss_bwd(const Tensor& grad, const Tensor& F, const Tensor& y, const Tens
 std::tuple<Tensor, Tensor> churn(const Tensor& x, const Tensor& t_cur, const Tensor& t_hat, const Tensor& rng,
                                  const optional<Tensor>& noise, double S_noise, int64_t kind, bool fdm_variant,
                                  at::ArrayRef<double> params, at::ScalarType net_dtype) {
+  const DeviceGuard device_guard(x);
   fdm::ChurnArgs a{geometry_of(x, "x"), spec_from(kind, fdm_variant, params)};
   check_float32(x, "x");
   a.net_t = dtype_from(net_dtype, "net_dtype");
@@ -289,9 +311,12 @@ std::tuple<Tensor, Tensor> churn(const Tensor& x, const Tensor& t_cur, const Ten
   return {x_out, net_in};
 }
 
+// write_x / write_d false: that output is not written (an empty tensor comes back in its place).
 std::tuple<Tensor, Tensor, Tensor> euler_step(const Tensor& x, const Tensor& F, const Tensor& t_cur,
                                               const Tensor& t_next, int64_t kind, bool fdm_variant,
-                                              at::ArrayRef<double> params, at::ScalarType net_dtype) {
+                                              at::ArrayRef<double> params, at::ScalarType net_dtype, bool write_x,
+                                              bool write_d) {
+  const DeviceGuard device_guard(x);
   fdm::EulerArgs a{geometry_of(x, "x"), spec_from(kind, fdm_variant, params)};
   check_float32(x, "x");
   check_like(F, "F", x, "x");
@@ -299,13 +324,15 @@ std::tuple<Tensor, Tensor, Tensor> euler_step(const Tensor& x, const Tensor& F, 
   a.net_t = dtype_from(net_dtype, "net_dtype");
   a.t_cur = per_sample(t_cur, "t_cur", x);
   a.t_next = per_sample(t_next, "t_next", x);
-  Tensor x_out = empty_like_layout(x, at::kFloat), d = empty_like_layout(x, at::kFloat);
+  const Tensor none = at::empty({0}, x.options().dtype(at::kFloat));
+  Tensor x_out = write_x ? empty_like_layout(x, at::kFloat) : none;
+  Tensor d = write_d ? empty_like_layout(x, at::kFloat) : none;
   Tensor net_in = empty_like_layout(x, net_dtype);
   if (x.device().is_meta()) return {x_out, d, net_in};
   a.x = x.data_ptr<float>();
   a.F = F.data_ptr();
-  a.x_out = x_out.data_ptr<float>();
-  a.d_out = d.data_ptr<float>();
+  a.x_out = write_x ? x_out.data_ptr<float>() : nullptr;
+  a.d_out = write_d ? d.data_ptr<float>() : nullptr;
   a.net_in = net_in.data_ptr();
   run(x, a, &fdm::cpu::euler_step, FDM_CUDA_FN(euler_step));
   return {x_out, d, net_in};
@@ -315,6 +342,7 @@ std::tuple<Tensor, Tensor> heun_step(const Tensor& x, const Tensor& d, const Ten
                                      const Tensor& t_next, const optional<Tensor>& t_hat_next, const Tensor& rng,
                                      const optional<Tensor>& noise, double S_noise, int64_t kind, bool fdm_variant,
                                      at::ArrayRef<double> params, at::ScalarType net_dtype) {
+  const DeviceGuard device_guard(x);
   fdm::HeunArgs a{geometry_of(x, "x"), spec_from(kind, fdm_variant, params)};
   check_float32(x, "x");
   check_float32(d, "d");
@@ -353,7 +381,7 @@ TORCH_LIBRARY(fdm_fast_ext, m) {
   m.def("churn(Tensor x, Tensor t_cur, Tensor t_hat, Tensor rng, Tensor? noise, float S_noise, int kind, bool fdm, "
         "float[] params, ScalarType net_dtype) -> (Tensor, Tensor)");
   m.def("euler_step(Tensor x, Tensor F, Tensor t_cur, Tensor t_next, int kind, bool fdm, float[] params, "
-        "ScalarType net_dtype) -> (Tensor, Tensor, Tensor)");
+        "ScalarType net_dtype, bool write_x, bool write_d) -> (Tensor, Tensor, Tensor)");
   m.def("heun_step(Tensor x, Tensor d, Tensor F, Tensor t_cur, Tensor t_next, Tensor? t_hat_next, Tensor rng, "
         "Tensor? noise, float S_noise, int kind, bool fdm, float[] params, ScalarType net_dtype) -> (Tensor, Tensor)");
 }

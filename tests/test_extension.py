@@ -49,7 +49,7 @@ def ext():
     (lambda: ext().loss_fwd(y, y.contiguous(memory_format=torch.channels_last), sigma, rng, None, torch.ones(1),
                             *SPEC, False), ValueError, r"y: expected the memory layout of F"),
     (lambda: ext().loss_fwd(y, y, sigma, rng, None, torch.ones(2), *SPEC, False), ValueError, r"clamp: expected one"),
-    (lambda: ext().euler_step(y.half(), y, sigma, sigma, *SPEC, torch.float32), TypeError,
+    (lambda: ext().euler_step(y.half(), y, sigma, sigma, *SPEC, torch.float32, True, True), TypeError,
      r"x: expected float32 \(sampler state\)"),
     (lambda: ext().heun_step(y, y, y, sigma, sigma, torch.ones(5), rng, None, 1.0, *SPEC, torch.float32), ValueError,
      r"t_hat_next: expected a contiguous \[2\] tensor"),

@@ -299,19 +299,28 @@ template <class TO>
 void churn_impl(const ChurnArgs& a) {
   TO* __restrict net = static_cast<TO*>(a.net_in);
   for_chunks(a.g, [&](int64_t b, int64_t, int64_t j0, int64_t n, float* __restrict nz) {
-    fill_noise(a.noise, a.g, b, j0, n, nz);
     const float t = a.t_cur[b], th = a.t_hat[b];
     const float scale = sqrtf(std::max(th * th - t * t, 0.0f)) * a.S_noise;
     const float cin = c_in(a.sp, th);
-    for_elements(a.g, b, j0, n, [&](int64_t k, int64_t i) {
-      const float xv = a.x[i] + scale * nz[k];
-      a.x_out[i] = xv;
-      st(net, i, cin * xv);
-    });
+    if (scale != 0.0f) {
+      fill_noise(a.noise, a.g, b, j0, n, nz);
+      for_elements(a.g, b, j0, n, [&](int64_t k, int64_t i) {
+        const float xv = a.x[i] + scale * nz[k];
+        a.x_out[i] = xv;
+        st(net, i, cin * xv);
+      });
+    } else {  // t_hat = t_cur: no noise drawn
+      for_elements(a.g, b, j0, n, [&](int64_t, int64_t i) {
+        const float xv = a.x[i];
+        a.x_out[i] = xv;
+        st(net, i, cin * xv);
+      });
+    }
   });
 }
 
-template <class TF, class TO>
+// x_out / d_out may be null: the caller does not want that output.
+template <class TF, class TO, bool WX, bool WD>
 void euler_impl(const EulerArgs& a) {
   const TF* __restrict F = static_cast<const TF*>(a.F);
   TO* __restrict net = static_cast<TO*>(a.net_in);
@@ -326,11 +335,20 @@ void euler_impl(const EulerArgs& a) {
       const float xv = x[i];
       const float dv = (xv - (c_skip * xv + c_out * ld(F, i))) / t;
       const float xn = xv + h * dv;
-      d[i] = dv;
-      xo[i] = xn;
+      if (WD) d[i] = dv;
+      if (WX) xo[i] = xn;
       st(net, i, cin * xn);
     });
   });
+}
+
+template <class TF, class TO>
+void euler_impl(const EulerArgs& a) {
+  const bool wx = a.x_out != nullptr, wd = a.d_out != nullptr;
+  if (wx && wd) euler_impl<TF, TO, true, true>(a);
+  else if (wx) euler_impl<TF, TO, true, false>(a);
+  else if (wd) euler_impl<TF, TO, false, true>(a);
+  else euler_impl<TF, TO, false, false>(a);
 }
 
 template <class TF, class TO>
@@ -347,10 +365,12 @@ void heun_impl(const HeunArgs& a) {
     const float c_skip = c.c_skip, c_out = c.c_out;
     float t_out = tn, scale = 0.0f;
     if (churning) {
-      fill_noise(a.noise, a.g, b, j0, n, nz);
       t_out = a.t_hat_next[b];
       scale = sqrtf(std::max(t_out * t_out - tn * tn, 0.0f)) * a.S_noise;
-    } else {
+    }
+    if (scale != 0.0f) {
+      fill_noise(a.noise, a.g, b, j0, n, nz);
+    } else {  // no churn for this sample: no noise drawn
       std::fill(nz, nz + n, 0.0f);
     }
     const float cin = c_in(a.sp, t_out);

@@ -78,8 +78,8 @@ struct EulerArgs {
   DType F_t;
   const float* t_cur;
   const float* t_next;
-  float* x_out;
-  float* d_out;
+  float* x_out;  // nullable: not written
+  float* d_out;  // nullable: not written
   void* net_in;
   DType net_t;
 };
