@@ -24,10 +24,10 @@ from ..schedules import Precond
 from . import _validate as V
 from . import reference
 from ._backends import BACKENDS, available_backends, loaded_extension, select, triton_module
-from ._validate import set_value_checks
+from ._validate import set_value_checks, value_checks
 
 __all__ = ["perturb", "denoise_loss", "churn", "euler_step", "heun_step", "randn", "available_backends",
-           "select_backend", "set_value_checks", "BACKENDS"]
+           "select_backend", "set_value_checks", "value_checks", "BACKENDS"]
 
 
 def select_backend(device="cpu", backend: Optional[str] = None) -> str:
@@ -38,13 +38,6 @@ def select_backend(device="cpu", backend: Optional[str] = None) -> str:
 def _spec(p: Precond):
     kind, fdm, params = p.kernel_spec()
     return kind, fdm, list(params)
-
-
-def _noise_arg(noise, like, like_name, backend, fmt):
-    if noise is None:
-        return None
-    V.tensor("noise", noise, dtypes=V.net_dtypes(backend), like=like, like_name=like_name)
-    return V.same_layout(noise, fmt)
 
 
 def _ext_call(backend: str, name: str, *args):
@@ -69,12 +62,13 @@ def perturb(y: torch.Tensor, sigma, precond, *, seed=0, offset=0, noise: Optiona
     V.tensor("y", y)
     be = select(y.device, backend)
     V.tensor("y", y, dtypes=V.net_dtypes(be))
-    fmt = V.layout_of(y)
+    if noise is not None:
+        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=y, like_name="y")
+    y, noise = V.layout(y, noise)
     B = y.shape[0]
     s = V.sigma("sigma", sigma, B, y.device, dtype=torch.float64 if be == "torch" and y.dtype == torch.float64
                 else torch.float32)
-    rng = V.rng(seed, offset, B, y.device)
-    noise = _noise_arg(noise, y, "y", be, fmt)
+    rng = V.rng(seed, offset, B, y.device) if noise is None else V.no_rng(seed, offset, y.device)
     od = V.out_dtype("out_dtype", out_dtype if out_dtype is not None else y.dtype, be)
     if be == "torch":
         net_in, x = reference.perturb(y, s, p, rng, noise, od, return_x)
@@ -103,13 +97,13 @@ def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, of
     V.tensor("y", y, dtypes=V.net_dtypes(be), like=F, like_name="F")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    fmt = V.layout_of(F)
-    y = V.same_layout(y, fmt)
+    if noise is not None:
+        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=F, like_name="F")
+    F, y, noise = V.layout(F, y, noise)
     B = F.shape[0]
     sdt = torch.float64 if be == "torch" and torch.float64 in (F.dtype, y.dtype) else torch.float32
     s = V.sigma("sigma", sigma, B, F.device, dtype=sdt)
-    rng = V.rng(seed, offset, B, F.device)
-    noise = _noise_arg(noise, F, "F", be, fmt)
+    rng = V.rng(seed, offset, B, F.device) if noise is None else V.no_rng(seed, offset, F.device)
     c = V.clamp(clamp, F.device, dtype=sdt)
     if be == "torch":
         per_sample = reference.denoise_loss(F, y, s, p, rng, noise, c)
@@ -141,50 +135,68 @@ def churn(x: torch.Tensor, t_cur, t_hat, precond, *, seed=0, offset=0, noise: Op
           S_noise: float = 1.0, net_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
     """Stochastic churn: ``x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise n``; returns (x_hat, c_in(t_hat) x_hat).
 
-    With ``t_hat == t_cur`` it only forms the net input. x is float32 sampler state.
+    With ``t_hat`` the same number (or the same tensor object) as ``t_cur``, or ``S_noise == 0``, no
+    noise is drawn at all: it only forms the net input. Samples whose noise scale is zero skip the
+    noise in every backend. x is float32 sampler state.
     """
     p = V.precond(precond)
     V.tensor("x", x)
     be = select(x.device, backend)
     _state("x", x, be)
+    if noise is not None:
+        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    x, noise = V.layout(x, noise)
     B, tdt = x.shape[0], _t_dtype(be, x)
     tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
-    th = V.sigma("t_hat", t_hat, B, x.device, dtype=tdt)
-    if V._checking(tc) and bool((th < tc).any()):
-        raise ValueError("t_hat: expected t_hat >= t_cur for every sample (churn only adds noise)")
     _scalar("S_noise", S_noise)
-    rng = V.rng(seed, offset, B, x.device)
-    noise = _noise_arg(noise, x, "x", be, V.layout_of(x))
+    quiet = t_hat is t_cur or S_noise == 0 or (not isinstance(t_hat, torch.Tensor) and not isinstance(t_cur, torch.Tensor)
+                                               and t_hat == t_cur)
+    if quiet:
+        if isinstance(t_hat, torch.Tensor):  # still checked, never read
+            V.sigma("t_hat", t_hat, B, x.device, dtype=tdt)
+        th, rng, noise = None, V.no_rng(seed, offset, x.device), None
+    else:
+        th = V.sigma("t_hat", t_hat, B, x.device, dtype=tdt)
+        if V._checking(tc) and bool((th < tc).any()):
+            raise ValueError("t_hat: expected t_hat >= t_cur for every sample (churn only adds noise)")
+        rng = V.rng(seed, offset, B, x.device) if noise is None else V.no_rng(seed, offset, x.device)
     nd = V.out_dtype("net_dtype", net_dtype, be)
     if be == "torch":
         return reference.churn(x, tc, th, p, rng, noise, S_noise, nd)
     if be == "triton":
         return triton_module("sampler").churn(x, tc, th, rng, noise, float(S_noise), *_spec(p), nd)
-    return _ext_call(be, "churn", x, tc, th, rng, noise, float(S_noise), *_spec(p), nd)
+    # the compiled kernels skip the noise of every sample whose scale is zero (t_hat = t_cur)
+    return _ext_call(be, "churn", x, tc, tc if th is None else th, rng, noise, float(S_noise), *_spec(p), nd)
 
 
 def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur, t_next, precond, *,
-               net_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+               net_dtype: torch.dtype = torch.float32, return_x: bool = True, return_d: bool = True,
+               backend: Optional[str] = None):
     """One Euler step from the raw UNet output F at (x, t_cur) to t_next (t_next may be 0).
 
     Returns (x_next, d, net_in) with d = (x - D) / t_cur the slope (kept for Heun's correction)
-    and net_in = c_in(t_next) * x_next, the next network input.
+    and net_in = c_in(t_next) * x_next, the next network input. ``return_x=False`` / ``return_d=False``
+    skip writing an output the caller does not use (Heun needs d, not x_next; Euler the reverse):
+    None comes back in its place.
     """
     p = V.precond(precond)
     V.tensor("x", x)
     be = select(x.device, backend)
     _state("x", x, be)
     V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
-    F = V.same_layout(F, V.layout_of(x))
+    x, F = V.layout(x, F)
     B, tdt = x.shape[0], _t_dtype(be, x, F)
     tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
     tn = V.sigma("t_next", t_next, B, x.device, dtype=tdt, allow_zero=True)
     nd = V.out_dtype("net_dtype", net_dtype, be)
+    wx, wd = bool(return_x), bool(return_d)
     if be == "torch":
-        return reference.euler_step(x, F, tc, tn, p, nd)
-    if be == "triton":
-        return triton_module("sampler").euler_step(x, F, tc, tn, *_spec(p), nd)
-    return _ext_call(be, "euler_step", x, F, tc, tn, *_spec(p), nd)
+        x_next, d, net_in = reference.euler_step(x, F, tc, tn, p, nd)
+    elif be == "triton":
+        x_next, d, net_in = triton_module("sampler").euler_step(x, F, tc, tn, *_spec(p), nd, wx, wd)
+    else:
+        x_next, d, net_in = _ext_call(be, "euler_step", x, F, tc, tn, *_spec(p), nd, wx, wd)
+    return (x_next if wx else None), (d if wd else None), net_in
 
 
 def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, precond, *, t_hat_next=None,
@@ -201,8 +213,9 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, 
     _state("x", x, be)
     _state("d", d, be, like=x, like_name="x")
     V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
-    fmt = V.layout_of(x)
-    d, F = V.same_layout(d, fmt), V.same_layout(F, fmt)
+    if noise is not None:
+        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    x, d, F, noise = V.layout(x, d, F, noise)
     B, tdt = x.shape[0], _t_dtype(be, x, d, F)
     tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
     tn = V.sigma("t_next", t_next, B, x.device, dtype=tdt)
@@ -212,8 +225,11 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, 
         if V._checking(tn) and bool((th < tn).any()):
             raise ValueError("t_hat_next: expected t_hat_next >= t_next for every sample")
     _scalar("S_noise", S_noise)
-    rng = V.rng(seed, offset, B, x.device)
-    noise = _noise_arg(noise, x, "x", be, fmt)
+    if th is None or noise is not None:  # no noise drawn: no rng work at all
+        rng = V.no_rng(seed, offset, x.device)
+        noise = noise if th is not None else None
+    else:
+        rng = V.rng(seed, offset, B, x.device)
     nd = V.out_dtype("net_dtype", net_dtype, be)
     if be == "torch":
         return reference.heun_step(x, d, F, tc, tn, p, th, rng, noise, S_noise, nd)

@@ -1,13 +1,21 @@
-"""Argument checks for the public ops: one place, messages that name the argument.
+"""Argument checks and the layout rule of the public ops: one place, messages that name the argument.
 
 Shape, dtype and device checks are free and always run. Value checks (sigma finite and positive)
-read the tensor, which on a GPU means a device sync: they run on CPU tensors always, on CUDA tensors
-unless disabled with ``fdm_fast.ops.set_value_checks(False)`` or ``FDM_FAST_VALUE_CHECKS=0``, and
-never while ``torch.compile`` traces or a CUDA graph captures.
+read the tensor, which on a GPU means a device sync: they run unless disabled with
+``fdm_fast.ops.set_value_checks(False)`` (or the ``value_checks(False)`` context, or
+``FDM_FAST_VALUE_CHECKS=0``), and never while ``torch.compile`` traces or a CUDA graph captures.
+``train`` and ``generate`` turn them off on CUDA. Nothing here copies host data to the device: rng
+rows are built with fill kernels (a kernel argument, not a copy), so an op never syncs by itself.
+
+Layout rule (``layout``): inputs of any strides are accepted. The first tensor argument decides:
+contiguous or channels_last (4-D) it is used as it is, anything else (a slice, an expanded tensor,
+permuted strides) is copied once to contiguous; every other tensor argument not already in that
+layout is copied into it. Strides of size-1 dims never count ([B, 1, H, W] is both layouts at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Union
@@ -20,10 +28,21 @@ NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _value_checks = os.environ.get("FDM_FAST_VALUE_CHECKS", "1") not in ("0", "")
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Turn the data-dependent checks on CUDA tensors on or off (CPU tensors are always checked)."""
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the data-dependent checks (a device sync on GPUs) on or off; returns the previous setting."""
     global _value_checks
-    _value_checks = bool(enabled)
+    prev, _value_checks = _value_checks, bool(enabled)
+    return prev
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """``with value_checks(False): ...`` runs the block without the data-dependent checks."""
+    prev = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(prev)
 
 
 def _dtype_name(dt) -> str:
@@ -65,8 +84,6 @@ def out_dtype(name: str, dt, backend: str) -> torch.dtype:
 def _checking(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
-    if t.device.type == "cpu":
-        return True
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return _value_checks
@@ -104,29 +121,60 @@ def precond(p) -> Precond:
     raise TypeError(f"precond: expected a preconditioning name or a schedules.Precond, got {type(p).__name__}")
 
 
-def rng(seed, offset, B: int, device: torch.device) -> torch.Tensor:
-    """(seed, offset) rows as an int64 tensor: [1, 2] for one int seed, [B, 2] for per-sample seeds."""
+def _check_seed_offset(seed, offset):
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)):
         raise TypeError(f"seed: expected an int or an int64 tensor of per-sample seeds, got {type(seed).__name__}")
     if isinstance(offset, bool) or not isinstance(offset, (int, torch.Tensor)):
         raise TypeError(f"offset: expected an int or an int64 tensor, got {type(offset).__name__}")
     if isinstance(offset, int) and not 0 <= offset < 2**62:
         raise ValueError(f"offset: expected an int in [0, 2^62), got {offset}")
-    if isinstance(seed, int):
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed: expected an int in [0, 2^63), got {seed}")
-        if isinstance(offset, int):
+    if isinstance(seed, int) and not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [0, 2^63), got {seed}")
+
+
+def rng(seed, offset, B: int, device: torch.device) -> torch.Tensor:
+    """(seed, offset) rows as an int64 tensor: [1, 2] for one int seed, [B, 2] for per-sample seeds.
+
+    Built on ``device`` with fill kernels (the ints travel as kernel arguments): no host-to-device
+    copy and no sync, so it is safe inside a CUDA graph capture and in the training hot path.
+    """
+    _check_seed_offset(seed, offset)
+    if isinstance(seed, int) and isinstance(offset, int):
+        if torch.compiler.is_compiling():  # a constant of the traced graph (inductor inlines a built one)
             return torch.tensor([[seed, offset]], dtype=torch.int64, device=device)
-        seed = torch.tensor([seed], dtype=torch.int64, device=device)
-    if seed.dtype not in (torch.int64, torch.int32) or seed.numel() not in (1, B) or seed.dim() > 1:
-        raise ValueError(f"seed: expected an integer tensor of shape [{B}] (one seed per sample) or [1], "
-                         f"got {_dtype_name(seed.dtype)} of shape {tuple(seed.shape)}")
-    seed = seed.to(device=device, dtype=torch.int64).reshape(-1)
-    off = offset.to(device=device, dtype=torch.int64).reshape(-1) if isinstance(offset, torch.Tensor) \
-        else torch.full_like(seed, offset)
+        r = torch.full((1, 2), seed, dtype=torch.int64, device=device)
+        r[:, 1] = offset
+        return r
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in (torch.int64, torch.int32) or seed.numel() not in (1, B) or seed.dim() > 1:
+            raise ValueError(f"seed: expected an integer tensor of shape [{B}] (one seed per sample) or [1], "
+                             f"got {_dtype_name(seed.dtype)} of shape {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed: expected a tensor on {device} (the data's device), got {seed.device}")
+        seed = seed.to(dtype=torch.int64).reshape(-1)
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype not in (torch.int64, torch.int32) or offset.dim() > 1:
+            raise ValueError(f"offset: expected an integer tensor of shape [{B}] or [1], "
+                             f"got {_dtype_name(offset.dtype)} of shape {tuple(offset.shape)}")
+        if offset.device != device:
+            raise ValueError(f"offset: expected a tensor on {device} (the data's device), got {offset.device}")
+        off = offset.to(dtype=torch.int64).reshape(-1)
+        if isinstance(seed, int):
+            seed = torch.full_like(off, seed)
+    else:
+        off = torch.full_like(seed, offset)
     if off.numel() not in (1, seed.numel()):
         raise ValueError(f"offset: expected one value or one per seed ({seed.numel()}), got shape {tuple(off.shape)}")
-    return torch.stack([seed, off.expand_as(seed)], dim=1).contiguous()
+    if seed.numel() == 1 and off.numel() > 1:
+        seed = seed.expand_as(off)
+    return torch.stack([seed, off.expand_as(seed)], dim=1)
+
+
+def no_rng(seed, offset, device: torch.device) -> torch.Tensor:
+    """The rng argument of an op call that draws no noise: the arguments are checked, nothing is
+    computed (an uninitialised [1, 2] placeholder the kernels never read)."""
+    _check_seed_offset(seed, offset)
+    return torch.empty((1, 2), dtype=torch.int64, device=device)
 
 
 def layout_of(t: torch.Tensor) -> torch.memory_format:
@@ -142,6 +190,13 @@ def same_layout(t: Optional[torch.Tensor], fmt: torch.memory_format) -> Optional
     if fmt == torch.channels_last and t.dim() != 4:
         return t.contiguous()
     return t.contiguous(memory_format=fmt)
+
+
+def layout(first: torch.Tensor, *others: Optional[torch.Tensor]) -> list:
+    """The layout rule (module docstring): ``first`` contiguous or channels_last as it is, else copied
+    to contiguous; every tensor of ``others`` (None passes through) in ``first``'s layout."""
+    fmt = layout_of(first)
+    return [same_layout(first, fmt)] + [same_layout(t, fmt) for t in others]
 
 
 def clamp(v, device, dtype=torch.float32) -> torch.Tensor:

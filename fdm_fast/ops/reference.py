@@ -187,9 +187,14 @@ def denoise_loss(F, y, sigma, precond: Precond, rng=None, noise=None, clamp=None
 
 
 def churn(x, t_cur, t_hat, precond: Precond, rng=None, noise=None, S_noise=1.0, net_dtype=torch.float32):
-    """x_hat = x + sqrt(t_hat^2 - t_cur^2) * S_noise * n;  net_in = c_in(t_hat) * x_hat."""
+    """x_hat = x + sqrt(t_hat^2 - t_cur^2) * S_noise * n;  net_in = c_in(t_hat) * x_hat.
+
+    ``t_hat=None`` means t_hat = t_cur: no noise is drawn, only the net input is formed."""
     dt = _compute_dtype(x, t_cur, t_hat, noise)
-    tc, th = _per_sample(t_cur, x, dt), _per_sample(t_hat, x, dt)
+    tc = _per_sample(t_cur, x, dt)
+    if t_hat is None:
+        return _like(x, x, dt), _like(precond.c_in(tc) * x.to(dt), x, net_dtype)
+    th = _per_sample(t_hat, x, dt)
     x_hat = x.to(dt) + (th**2 - tc**2).clamp_min(0).sqrt() * S_noise * _noise(x, rng, noise, dt)
     return _like(x_hat, x, dt), _like(precond.c_in(th) * x_hat, x, net_dtype)
 

@@ -21,10 +21,10 @@ from . import triton_common as tc
 
 
 @triton.jit
-def _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, b, pid, r, k, j, mask, addr,
-               IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
-               KIND: tl.constexpr, FDM: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
-               ROWS: tl.constexpr):
+def _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, b, q, j, mask, addr,
+               HW, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+               KIND: tl.constexpr, FDM: tl.constexpr, HAS_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+               CP: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
     """(D - y, w, c_out) for a tile; masked lanes give D - y = 0."""
     s = tl.load(sigma_ptr + b * SIGMA_STRIDE).to(tl.float32)
     c_skip, c_out, _, w = tc.coefficients(s, KIND, FDM, sd, smin, smax, m, fbm, fbd)
@@ -34,7 +34,7 @@ def _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_
     if HAS_NOISE:
         n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
     else:
-        n = tc.noise_tile(rng_ptr, b, pid, r, k, j, IDX_PER_SAMPLE, RNG_STRIDE, ROWS, ALIGNED)
+        n = tc.noise(rng_ptr, b, q, j, HW, IDX_PER_SAMPLE, RNG_STRIDE, CHANNELS_LAST, CP, ROWS, ALIGNED)
     x = y + s * n
     diff = c_skip * x + c_out * f - y
     return tl.where(mask, diff, 0.0), w, c_out
@@ -42,54 +42,45 @@ def _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_
 
 @triton.jit
 def _loss_fwd_kernel(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, partial_ptr,
-                     P, HW, C, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                     P, HW, C, NPROG, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
                      KIND: tl.constexpr, FDM: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    r, k, j = tc.tile_index(pid, ROWS)
-    mask = j < P
-    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
-    diff, w, _ = _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, b, pid, r, k, j,
-                            mask, addr, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
-                            KIND, FDM, HAS_NOISE, ALIGNED, ROWS)
-    tl.store(partial_ptr + b * tl.num_programs(0) + pid, w * tl.sum(diff * diff))
+                     CHANNELS_LAST: tl.constexpr, CP: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    b, q, mask, addr, j = tc.tile(P, HW, C, NPROG, CHANNELS_LAST, CP, ROWS)
+    diff, w, _ = _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, b, q, j, mask,
+                            addr, HW, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                            KIND, FDM, HAS_NOISE, CHANNELS_LAST, CP, ALIGNED, ROWS)
+    # partial[b, q] lives at the program's own flat index
+    tl.store(partial_ptr + tl.program_id(0), w * tl.sum(diff * diff))
 
 
 @triton.jit
 def _loss_bwd_kernel(grad_ptr, F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, dF_ptr,
-                     P, HW, C, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                     P, HW, C, NPROG, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
                      KIND: tl.constexpr, FDM: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    r, k, j = tc.tile_index(pid, ROWS)
-    mask = j < P
-    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
-    diff, w, c_out = _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, b, pid, r, k,
-                                j, mask, addr, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
-                                KIND, FDM, HAS_NOISE, ALIGNED, ROWS)
+                     CHANNELS_LAST: tl.constexpr, CP: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    b, q, mask, addr, j = tc.tile(P, HW, C, NPROG, CHANNELS_LAST, CP, ROWS)
+    diff, w, c_out = _loss_diff(F_ptr, y_ptr, sigma_ptr, SIGMA_STRIDE, rng_ptr, noise_ptr, clamp_ptr, b, q, j,
+                                mask, addr, HW, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                                KIND, FDM, HAS_NOISE, CHANNELS_LAST, CP, ALIGNED, ROWS)
     g = tl.load(grad_ptr + b).to(tl.float32)
     tl.store(dF_ptr + addr, (g * w * 2.0 * c_out * diff).to(dF_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_args(F, y, sigma, rng, noise, clamp, params):
-    B, P, HW, C, cl = tc.geometry(F)
-    idx_per_sample, rng_stride, aligned = tc.rng_geometry(rng, P, B)
+    L = tc.Launch(F, rng)
     sd, _, _, smin, smax, m, fbm, fbd = params
     tensors = (F, y, sigma, 1 if sigma.numel() > 1 else 0, rng, noise if noise is not None else F, clamp)
-    scalars = (P, HW, C, idx_per_sample, rng_stride, sd, smin, smax, m, fbm, fbd)
-    return B, P, cl, aligned, tensors, scalars
+    scalars = (*L.geometry(), L.idx_per_sample, L.rng_stride, sd, smin, smax, m, fbm, fbd)
+    return L, tensors, scalars
 
 
 @triton_op("fdm_fast_triton::loss_fwd", mutates_args=())
 def loss_fwd(F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor, noise: Optional[torch.Tensor],
              clamp: torch.Tensor, kind: int, fdm: bool, params: list[float]) -> torch.Tensor:
-    B, P, cl, aligned, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
-    g = tc.grid(P, B)
-    partial = tc.empty((B, g[0]), torch.float32, F.device)
-    wrap_triton(_loss_fwd_kernel)[g](*tensors, partial, *scalars, KIND=kind, FDM=fdm, HAS_NOISE=noise is not None,
-                                     CHANNELS_LAST=cl, ALIGNED=aligned, ROWS=tc.ROWS, num_warps=tc.NUM_WARPS)
+    L, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
+    partial = tc.empty((L.B, L.nprog), torch.float32, F.device)
+    wrap_triton(_loss_fwd_kernel)[L.grid](*tensors, partial, *scalars, KIND=kind, FDM=fdm,
+                                          HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return partial.sum(dim=1)
 
 
@@ -97,11 +88,10 @@ def loss_fwd(F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.T
 def loss_bwd(grad: torch.Tensor, F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor,
              noise: Optional[torch.Tensor], clamp: torch.Tensor, kind: int, fdm: bool,
              params: list[float]) -> torch.Tensor:
-    B, P, cl, aligned, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
+    L, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
     dF = tc.empty_like_layout(F, F.dtype)
-    wrap_triton(_loss_bwd_kernel)[tc.grid(P, B)](grad.float().contiguous(), *tensors, dF, *scalars, KIND=kind,
-                                                 FDM=fdm, HAS_NOISE=noise is not None, CHANNELS_LAST=cl,
-                                                 ALIGNED=aligned, ROWS=tc.ROWS, num_warps=tc.NUM_WARPS)
+    wrap_triton(_loss_bwd_kernel)[L.grid](grad.float().contiguous(), *tensors, dF, *scalars, KIND=kind, FDM=fdm,
+                                          HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return dF
 
 

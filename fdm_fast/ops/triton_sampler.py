@@ -26,37 +26,32 @@ from . import triton_common as tc
 
 @triton.jit
 def _churn_kernel(x_ptr, t_ptr, th_ptr, T_STRIDE, rng_ptr, noise_ptr, xo_ptr, net_ptr, S_noise,
-                  P, HW, C, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
-                  KIND: tl.constexpr, FDM: tl.constexpr, HAS_NOISE: tl.constexpr,
-                  CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    r, k, j = tc.tile_index(pid, ROWS)
-    mask = j < P
-    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
-    t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
+                  P, HW, C, NPROG, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                  KIND: tl.constexpr, FDM: tl.constexpr, NOISE: tl.constexpr, HAS_NOISE: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, CP: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    b, q, mask, addr, j = tc.tile(P, HW, C, NPROG, CHANNELS_LAST, CP, ROWS)
     th = tl.load(th_ptr + b * T_STRIDE).to(tl.float32)
-    scale = tl.sqrt_rn(tl.maximum(th * th - t * t, 0.0)) * S_noise
     c_in = tc.c_in_only(th, KIND, FDM, sd, smin, smax, m, fbm, fbd)
     x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NOISE:
-        n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
-    else:
-        n = tc.noise_tile(rng_ptr, b, pid, r, k, j, IDX_PER_SAMPLE, RNG_STRIDE, ROWS, ALIGNED)
-    x = x + scale * n
+    if NOISE:
+        t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
+        scale = tl.sqrt_rn(tl.maximum(th * th - t * t, 0.0)) * S_noise
+        if scale != 0.0:  # no Philox where this sample adds no noise (t_hat == t_cur)
+            if HAS_NOISE:
+                n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+            else:
+                n = tc.noise(rng_ptr, b, q, j, HW, IDX_PER_SAMPLE, RNG_STRIDE, CHANNELS_LAST, CP, ROWS, ALIGNED)
+            x = x + scale * n
     tl.store(xo_ptr + addr, x, mask=mask)
     tl.store(net_ptr + addr, (c_in * x).to(net_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _euler_kernel(x_ptr, F_ptr, t_ptr, tn_ptr, T_STRIDE, xo_ptr, d_ptr, net_ptr,
-                  P, HW, C, sd, smin, smax, m, fbm, fbd,
-                  KIND: tl.constexpr, FDM: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    r, k, j = tc.tile_index(pid, ROWS)
-    mask = j < P
-    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
+                  P, HW, C, NPROG, sd, smin, smax, m, fbm, fbd,
+                  KIND: tl.constexpr, FDM: tl.constexpr, WRITE_X: tl.constexpr, WRITE_D: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, CP: tl.constexpr, ROWS: tl.constexpr):
+    b, q, mask, addr, j = tc.tile(P, HW, C, NPROG, CHANNELS_LAST, CP, ROWS)
     t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
     tn = tl.load(tn_ptr + b * T_STRIDE).to(tl.float32)
     c_skip, c_out, _, _ = tc.coefficients(t, KIND, FDM, sd, smin, smax, m, fbm, fbd)
@@ -65,21 +60,19 @@ def _euler_kernel(x_ptr, F_ptr, t_ptr, tn_ptr, T_STRIDE, xo_ptr, d_ptr, net_ptr,
     f = tl.load(F_ptr + addr, mask=mask, other=0.0).to(tl.float32)
     d = (x - (c_skip * x + c_out * f)) / t
     x_next = x + (tn - t) * d
-    tl.store(xo_ptr + addr, x_next, mask=mask)
-    tl.store(d_ptr + addr, d, mask=mask)
+    if WRITE_X:
+        tl.store(xo_ptr + addr, x_next, mask=mask)
+    if WRITE_D:
+        tl.store(d_ptr + addr, d, mask=mask)
     tl.store(net_ptr + addr, (c_in_next * x_next).to(net_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _heun_kernel(x_ptr, d_ptr, F_ptr, t_ptr, tn_ptr, th_ptr, T_STRIDE, rng_ptr, noise_ptr, xo_ptr, net_ptr, S_noise,
-                 P, HW, C, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
+                 P, HW, C, NPROG, IDX_PER_SAMPLE, RNG_STRIDE, sd, smin, smax, m, fbm, fbd,
                  KIND: tl.constexpr, FDM: tl.constexpr, CHURN: tl.constexpr, HAS_NOISE: tl.constexpr,
-                 CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    r, k, j = tc.tile_index(pid, ROWS)
-    mask = j < P
-    addr = tc.tile_address(b, j, P, HW, C, CHANNELS_LAST)
+                 CHANNELS_LAST: tl.constexpr, CP: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    b, q, mask, addr, j = tc.tile(P, HW, C, NPROG, CHANNELS_LAST, CP, ROWS)
     t = tl.load(t_ptr + b * T_STRIDE).to(tl.float32)
     tn = tl.load(tn_ptr + b * T_STRIDE).to(tl.float32)
     c_skip, c_out, _, _ = tc.coefficients(tn, KIND, FDM, sd, smin, smax, m, fbm, fbd)
@@ -93,11 +86,12 @@ def _heun_kernel(x_ptr, d_ptr, F_ptr, t_ptr, tn_ptr, th_ptr, T_STRIDE, rng_ptr, 
     if CHURN:
         t_out = tl.load(th_ptr + b * T_STRIDE).to(tl.float32)
         scale = tl.sqrt_rn(tl.maximum(t_out * t_out - tn * tn, 0.0)) * S_noise
-        if HAS_NOISE:
-            n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
-        else:
-            n = tc.noise_tile(rng_ptr, b, pid, r, k, j, IDX_PER_SAMPLE, RNG_STRIDE, ROWS, ALIGNED)
-        x_next = x_next + scale * n
+        if scale != 0.0:
+            if HAS_NOISE:
+                n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+            else:
+                n = tc.noise(rng_ptr, b, q, j, HW, IDX_PER_SAMPLE, RNG_STRIDE, CHANNELS_LAST, CP, ROWS, ALIGNED)
+            x_next = x_next + scale * n
     else:
         t_out = tn
     c_in = tc.c_in_only(t_out, KIND, FDM, sd, smin, smax, m, fbm, fbd)
@@ -109,34 +103,39 @@ def _t_stride(*ts):
     return 1 if ts[0].numel() > 1 else 0
 
 
+def _spec_args(params):
+    sd, _, _, smin, smax, m, fbm, fbd = params
+    return sd, smin, smax, m, fbm, fbd
+
+
 @triton_op("fdm_fast_triton::churn", mutates_args=())
-def churn(x: torch.Tensor, t_cur: torch.Tensor, t_hat: torch.Tensor, rng: torch.Tensor,
+def churn(x: torch.Tensor, t_cur: torch.Tensor, t_hat: Optional[torch.Tensor], rng: torch.Tensor,
           noise: Optional[torch.Tensor], S_noise: float, kind: int, fdm: bool, params: list[float],
           net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    B, P, HW, C, cl = tc.geometry(x)
+    """``t_hat=None``: no noise at all (t_hat = t_cur), only the net input; rng is not read."""
+    L = tc.Launch(x, rng)
     x_hat = tc.empty_like_layout(x, torch.float32)
     net_in = tc.empty_like_layout(x, net_dtype)
-    idx_per_sample, rng_stride, aligned = tc.rng_geometry(rng, P, B)
-    sd, _, _, smin, smax, m, fbm, fbd = params
-    wrap_triton(_churn_kernel)[tc.grid(P, B)](
-        x, t_cur, t_hat, _t_stride(t_cur), rng, noise if noise is not None else x, x_hat, net_in, S_noise,
-        P, HW, C, idx_per_sample, rng_stride, sd, smin, smax, m, fbm, fbd,
-        KIND=kind, FDM=fdm, HAS_NOISE=noise is not None, CHANNELS_LAST=cl, ALIGNED=aligned, ROWS=tc.ROWS,
-        num_warps=tc.NUM_WARPS)
+    draws = t_hat is not None
+    wrap_triton(_churn_kernel)[L.grid](
+        x, t_cur, t_hat if draws else t_cur, _t_stride(t_cur), rng, noise if noise is not None else x, x_hat, net_in,
+        S_noise, *L.geometry(), L.idx_per_sample, L.rng_stride, *_spec_args(params),
+        KIND=kind, FDM=fdm, NOISE=draws, HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return x_hat, net_in
 
 
 @triton_op("fdm_fast_triton::euler_step", mutates_args=())
 def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, kind: int, fdm: bool,
-               params: list[float], net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, P, HW, C, cl = tc.geometry(x)
-    x_next = tc.empty_like_layout(x, torch.float32)
-    d = tc.empty_like_layout(x, torch.float32)
+               params: list[float], net_dtype: torch.dtype, write_x: bool,
+               write_d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs the caller does not want (``write_x`` / ``write_d`` False) come back empty, unwritten."""
+    L = tc.Launch(x)
+    x_next = tc.empty_like_layout(x, torch.float32) if write_x else x.new_empty(0)
+    d = tc.empty_like_layout(x, torch.float32) if write_d else x.new_empty(0)
     net_in = tc.empty_like_layout(x, net_dtype)
-    sd, _, _, smin, smax, m, fbm, fbd = params
-    wrap_triton(_euler_kernel)[tc.grid(P, B)](
-        x, F, t_cur, t_next, _t_stride(t_cur), x_next, d, net_in, P, HW, C, sd, smin, smax, m, fbm, fbd,
-        KIND=kind, FDM=fdm, CHANNELS_LAST=cl, ROWS=tc.ROWS, num_warps=tc.NUM_WARPS)
+    wrap_triton(_euler_kernel)[L.grid](
+        x, F, t_cur, t_next, _t_stride(t_cur), x_next, d, net_in, *L.geometry(), *_spec_args(params),
+        KIND=kind, FDM=fdm, WRITE_X=write_x, WRITE_D=write_d, **L.consts())
     return x_next, d, net_in
 
 
@@ -145,16 +144,13 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur: torch.Te
               t_hat_next: Optional[torch.Tensor], rng: torch.Tensor, noise: Optional[torch.Tensor], S_noise: float,
               kind: int, fdm: bool, params: list[float],
               net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    B, P, HW, C, cl = tc.geometry(x)
+    L = tc.Launch(x, rng)
     x_next = tc.empty_like_layout(x, torch.float32)
     net_in = tc.empty_like_layout(x, net_dtype)
-    idx_per_sample, rng_stride, aligned = tc.rng_geometry(rng, P, B)
-    sd, _, _, smin, smax, m, fbm, fbd = params
     churning = t_hat_next is not None
-    wrap_triton(_heun_kernel)[tc.grid(P, B)](
+    wrap_triton(_heun_kernel)[L.grid](
         x, d, F, t_cur, t_next, t_hat_next if churning else t_next, _t_stride(t_cur), rng,
         noise if noise is not None else x, x_next, net_in, S_noise,
-        P, HW, C, idx_per_sample, rng_stride, sd, smin, smax, m, fbm, fbd,
-        KIND=kind, FDM=fdm, CHURN=churning, HAS_NOISE=noise is not None, CHANNELS_LAST=cl, ALIGNED=aligned,
-        ROWS=tc.ROWS, num_warps=tc.NUM_WARPS)
+        *L.geometry(), L.idx_per_sample, L.rng_stride, *_spec_args(params),
+        KIND=kind, FDM=fdm, CHURN=churning, HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return x_next, net_in
