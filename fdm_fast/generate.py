@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from . import ops
 from .sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler
 from .train import init_distributed, load_snapshot, save_grid
 
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
         print(f"error: --network {args.network}: no such file", file=sys.stderr)
         return 2
     rank, world, device = init_distributed()
+    # value checks read tensors: a sync per op call on a GPU, so they stay on only for the CPU
+    ops.set_value_checks(device.type == "cpu")
+    torch.backends.cudnn.benchmark = True
     if args.cuda_graph and device.type != "cuda":
         print("error: --cuda-graph needs a CUDA device", file=sys.stderr)
         return 2
@@ -101,21 +105,22 @@ def main(argv=None) -> int:
               net_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
     if args.compile if args.compile is not None else device.type == "cuda":
         net.model = torch.compile(net.model)
-    use_graph = (args.cuda_graph if args.cuda_graph is not None else device.type == "cuda") \
-        and args.sampler != "dpm2m" and labels_for is None
+    use_graph = args.cuda_graph if args.cuda_graph is not None else device.type == "cuda"
+    if args.sampler == "dpm2m":
+        sampler = dpm_solver_pp_2m
+        kw = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                  device=device, net_dtype=kw["net_dtype"])
+    else:
+        sampler = edm_sampler
     graphed = None
     results = []
     for batch in tqdm(batches, unit="batch", disable=rank != 0, desc="generate"):
         labels = labels_for(batch) if labels_for else None
         if use_graph and len(batch) == args.batch:
-            graphed = graphed or GraphedSampler(net, args.batch, **kw)
-            images = graphed(batch)
-        elif args.sampler == "dpm2m":
-            images = dpm_solver_pp_2m(net, batch, num_steps=args.steps, sigma_min=args.sigma_min,
-                                      sigma_max=args.sigma_max, rho=args.rho, class_labels=labels, device=device,
-                                      net_dtype=kw["net_dtype"])
+            graphed = graphed or GraphedSampler(net, args.batch, sampler=sampler, **kw)
+            images = graphed(batch, labels)
         else:
-            images = edm_sampler(net, batch, class_labels=labels, **kw)
+            images = sampler(net, batch, class_labels=labels, **kw)
         if args.outdir:
             from PIL import Image
 

@@ -9,6 +9,7 @@ optimizer step (``schedules.warmup_clamp``), saved with the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -61,7 +62,9 @@ def training_loss(denoiser: Denoiser, y: torch.Tensor, sigma: torch.Tensor, *, s
     """
     p = denoiser.precond
     net_in = ops.perturb(y, sigma, p, seed=seed, offset=offset, out_dtype=net_dtype, backend=backend)
-    with torch.autocast(device_type=y.device.type, dtype=torch.bfloat16, enabled=net_dtype == torch.bfloat16):
+    amp = torch.autocast(device_type=y.device.type, dtype=torch.bfloat16) if net_dtype == torch.bfloat16 \
+        else contextlib.nullcontext()
+    with amp:
         F = denoiser.raw(net_in, sigma, labels, augment_labels)
     return ops.denoise_loss(F, y, sigma, p, seed=seed, offset=offset, clamp=clamp, reduction="none",
                             backend=backend)

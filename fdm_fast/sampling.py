@@ -52,8 +52,11 @@ def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_step
     for i in range(num_steps):
         t_next = ts[i + 1]
         F = denoiser.raw(net_in, torch.full((B,), t_hat, device=device), class_labels)
-        x_eul, d, net_in = ops.euler_step(x_hat, F, t_hat, t_next, p, **kw)
-        if i == num_steps - 1:
+        last = i == num_steps - 1
+        # Heun needs the slope d (its kernel recomputes the Euler point), Euler and the last step x_eul
+        x_eul, d, net_in = ops.euler_step(x_hat, F, t_hat, t_next, p, return_x=last or not heun,
+                                          return_d=heun and not last, **kw)
+        if last:
             return x_eul
         t_hat_next = t_next * (1 + gam[i + 1])
         churn_next = dict(t_hat_next=t_hat_next, seed=seeds, offset=(i + 2) * stride, S_noise=S_noise) \
@@ -112,38 +115,60 @@ def dpm_solver_pp_2m(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num
 
 
 class GraphedSampler:
-    """``edm_sampler`` captured once as a CUDA graph for a fixed batch size and settings, replayed for
-    any seeds: the whole loop (the UNet's kernels and the fused step ops) launches as one graph, so
-    small batches are not bound by kernel-launch latency. The seeds live in a static device buffer
-    that the captured noise ops read; ``__call__`` copies new seeds in and replays.
+    """A sampler captured once as a CUDA graph for a fixed batch size and settings, replayed for any
+    seeds (and class labels): the whole loop (the UNet's kernels and the fused step ops) launches as
+    one graph, so small batches are not bound by kernel-launch latency. ``sampler`` is any sampler of
+    this module (``edm_sampler``, deterministic or with churn, Heun or Euler; ``dpm_solver_pp_2m``)
+    with its keyword arguments. Seeds and labels live in static device buffers that the captured ops
+    read; ``__call__`` copies new ones in and replays. Capture needs ops that neither sync nor copy
+    from the host, which every op here satisfies (tests/test_sync_free.py; on a GPU,
+    tests/test_sampling.py compares each sampler's replay with its eager run).
 
-        sampler = GraphedSampler(net, batch=64, num_steps=18)
+        sampler = GraphedSampler(net, batch=64, num_steps=18)              # deterministic Heun
         images = sampler(range(64))          # == edm_sampler(net, range(64), num_steps=18)
+        dpm = GraphedSampler(net, batch=64, sampler=dpm_solver_pp_2m, num_steps=10)
     """
 
-    def __init__(self, denoiser, batch: int, warmup: int = 2, **kwargs):
+    def __init__(self, denoiser, batch: int, *, sampler=edm_sampler, warmup: int = 2, **kwargs):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedSampler needs a CUDA device")
         self.device = torch.device(kwargs.pop("device", None) or next(denoiser.parameters()).device)
         if self.device.type != "cuda":
             raise ValueError(f"denoiser: expected a network on a CUDA device for graph capture, got {self.device}")
+        if "class_labels" in kwargs:
+            raise ValueError("class_labels: pass the labels to each call (sampler(seeds, class_labels)), "
+                             "not to the constructor")
         self.batch = batch
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        run = lambda: edm_sampler(denoiser, self.seeds, device=self.device, **kwargs)  # noqa: E731
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # compile / autotune / allocate outside the capture
-            for _ in range(warmup):
-                run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = run()
+        label_dim = getattr(denoiser, "label_dim", 0)
+        self.labels = torch.zeros(batch, label_dim, device=self.device) if label_dim else None
+        run = lambda: sampler(denoiser, self.seeds, device=self.device, class_labels=self.labels, **kwargs)  # noqa
+        prev = ops.set_value_checks(False)  # their reads would sync (and are skipped during capture anyway)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # compile / autotune / allocate outside the capture
+                for _ in range(warmup):
+                    run()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = run()
+        finally:
+            ops.set_value_checks(prev)
 
-    def __call__(self, seeds) -> torch.Tensor:
+    def __call__(self, seeds, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
         if seeds.numel() != self.batch:
             raise ValueError(f"seeds: the graph was captured for {self.batch} images, got {seeds.numel()}")
-        self.seeds.copy_(seeds, non_blocking=True)
+        if (class_labels is None) != (self.labels is None):
+            raise ValueError("class_labels: expected labels [batch, label_dim] for this conditional network"
+                             if self.labels is not None else "class_labels: this network is unconditional")
+        self.seeds.copy_(seeds.pin_memory() if seeds.device.type == "cpu" else seeds, non_blocking=True)
+        if class_labels is not None:
+            if tuple(class_labels.shape) != tuple(self.labels.shape):
+                raise ValueError(f"class_labels: expected shape {tuple(self.labels.shape)}, "
+                                 f"got {tuple(class_labels.shape)}")
+            self.labels.copy_(class_labels, non_blocking=True)
         self.graph.replay()
         return self.out.clone()

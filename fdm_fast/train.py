@@ -31,7 +31,7 @@ import torch
 
 from . import ops
 from .data import DatasetError, open_dataset
-from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe
+from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe, to_device
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
@@ -283,15 +283,44 @@ def load_snapshot(path: str, device="cpu"):
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop.
+# The loop: set-up, the step, bookkeeping.
 
 
-def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), quiet: bool = False,
-                  stop_after_steps: Optional[int] = None) -> dict:
-    """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests)."""
+@dataclasses.dataclass
+class Run:
+    """Everything one rank's training holds between steps."""
+
+    o: Options
+    rank: int
+    world: int
+    device: torch.device
+    dataset: object
+    config: dict
+    net: torch.nn.Module  # the Denoiser whose parameters train
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    model: torch.nn.Module  # net.model, wrapped by DDP and/or torch.compile
+    train_net: torch.nn.Module  # a Denoiser around ``model`` (shares net's parameters)
+    sampler: "InfiniteSampler"
+    images: torch.Tensor  # uint8 [N, C, H, W] on the host (pinned on CUDA)
+    labels: Optional[torch.Tensor]  # [N, label_dim] on the device, or None
+    augment: Optional[AugmentPipe]
+    rounds: int
+    batch_gpu: int
+    batch_gpu_total: int
+    net_dtype: torch.dtype
+    per_sample: int
+    step: int = 0
+    cur_nimg: int = 0
+
+
+def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), log=lambda *a: None) -> Run:
+    """Data, network, EMA, optimizer and (with ``o.resume``) the checkpoint's state: a Run at its first step."""
     torch.backends.cuda.matmul.allow_tf32 = o.tf32
     torch.backends.cudnn.allow_tf32 = o.tf32
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 and not quiet else (lambda *a: None)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (as EDM does)
+    # Value checks read tensors (a sync per op call on a GPU): on for the CPU, off on accelerators.
+    ops.set_value_checks(device.type == "cpu")
 
     dataset = open_dataset(o.ds, o.data, use_labels=o.cond, resolution=o.resolution)
     if o.cond and not dataset.label_dim:
@@ -316,15 +345,17 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     augment = AugmentPipe(p=o.augment) if o.augment > 0 else None
     torch.manual_seed(o.seed)
     net = build_denoiser(config).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
+    # the EMA copy after the layout change: same strides as net, so the foreach lerp stays on its fast path
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=o.lr, betas=(0.9, 0.999), eps=1e-8,
                            fused=device.type == "cuda")
     net_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[o.precision]
 
     step, cur_nimg = 0, 0
-    os.makedirs(o.outdir, exist_ok=True) if rank == 0 else None
+    if rank == 0:
+        os.makedirs(o.outdir, exist_ok=True)
     resume = o.resume
     if resume == "auto":
         found = checkpoints(o.outdir)
@@ -348,10 +379,12 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
         log(f"resumed from {resume} at step {step} ({cur_nimg / 1000:.1f} kimg)")
     sampler = InfiniteSampler(len(dataset), rank, world, o.seed, start=step * batch_gpu_total)
 
-    images_all = dataset.images_as_tensor()  # cached uint8; pinned for async copies to the GPU
-    labels_all = torch.from_numpy(np.stack([dataset[i][1] for i in range(len(dataset))])) if o.cond else None
+    images = dataset.images_as_tensor()  # uint8 on the host; batches are gathered into pinned buffers
     if device.type == "cuda":
-        images_all = images_all.pin_memory()
+        images = images.pin_memory()
+    labels = None
+    if o.cond:
+        labels = torch.from_numpy(np.stack([dataset[i][1] for i in range(len(dataset))])).to(device)
 
     model = net.model
     if world > 1:
@@ -360,6 +393,80 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     if o.compile:
         model = torch.compile(model)
     train_net = type(net)(net.precond, model, config)  # shares parameters with net
+    return Run(o=o, rank=rank, world=world, device=device, dataset=dataset, config=config, net=net, ema=ema, opt=opt,
+               model=model, train_net=train_net, sampler=sampler, images=images, labels=labels, augment=augment,
+               rounds=rounds, batch_gpu=batch_gpu, batch_gpu_total=batch_gpu_total, net_dtype=net_dtype,
+               per_sample=dataset.num_channels * dataset.resolution**2, step=step, cur_nimg=cur_nimg)
+
+
+def _gather(run: Run, idx: np.ndarray) -> torch.Tensor:
+    """The uint8 images of ``idx`` on the device: gathered on the host into a pinned buffer (on CUDA),
+    then one asynchronous copy."""
+    idx_t = torch.from_numpy(idx)
+    if run.device.type == "cuda":
+        buf = torch.empty((len(idx), *run.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        torch.index_select(run.images, 0, idx_t, out=buf)
+        return buf.to(run.device, non_blocking=True)
+    return to_device(run.images[idx_t], run.device)
+
+
+def train_step(run: Run) -> torch.Tensor:
+    """One optimizer step (data slice -> augment -> loss -> backward -> optimizer -> EMA) over
+    ``run.rounds`` accumulation rounds. Returns this rank's summed per-sample loss as a device scalar:
+    nothing here reads a device tensor or copies host data synchronously (tests/test_sync_free.py)."""
+    o, device, net = run.o, run.device, run.net
+    run.opt.zero_grad(set_to_none=True)
+    clamp = fdm_clamp(net, run.step, o.warmup_ite)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for r in range(run.rounds):
+        idx, keys = run.sampler.take(run.batch_gpu)
+        y = _gather(run, idx).to(torch.float32) / 127.5 - 1
+        keys_host = torch.from_numpy(keys)
+        # this sample's sigma, flip and augmentation, keyed by its global index (computed on the host)
+        u = sample_uniforms(o.seed, keys_host, 2 + (NUM_UNIFORMS if run.augment else 0))
+        u_dev = to_device(u[:, :2], device)
+        if o.xflip:
+            y = torch.where((u_dev[:, 1] < 0.5).reshape(-1, 1, 1, 1), y.flip(3), y)
+        if device.type == "cuda":
+            y = y.contiguous(memory_format=torch.channels_last)
+        aug_labels = None
+        if run.augment is not None:
+            y, aug_labels = run.augment(y, u[:, 2:])  # host uniforms: the padding margin is read on the host
+            y = y.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else y.contiguous()
+        labels = run.labels[to_device(torch.from_numpy(idx), device)] if run.labels is not None else None
+        sigma = net.precond.sigma_from_uniform(u_dev[:, 0]).to(torch.float32)
+        seed, offset = noise_rng(o.seed, to_device(keys_host, device), run.per_sample, device)
+        sync = run.world == 1 or r == run.rounds - 1
+        ctx = run.model.no_sync() if (run.world > 1 and not sync and hasattr(run.model, "no_sync")) else _null()
+        with ctx:
+            loss = training_loss(run.train_net, y, sigma, seed=seed, offset=offset, clamp=clamp, labels=labels,
+                                 augment_labels=aug_labels, net_dtype=run.net_dtype, backend=o.backend)
+            (loss.sum() / run.batch_gpu_total).backward()
+        loss_sum += loss.detach().sum()
+    for g in run.opt.param_groups:
+        g["lr"] = o.lr * min(run.cur_nimg / max(o.lr_rampup * 1e6, 1e-8), 1)
+    for p in net.parameters():  # non-finite gradients zeroed / clipped, as EDM does
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    run.opt.step()
+    run.step += 1
+    run.cur_nimg += o.batch
+    # EMA with half-life and ramp-up (EDM): beta = 0.5^(batch / half-life)
+    half = o.ema * 1e6
+    if o.ema_rampup:
+        half = min(half, run.cur_nimg * o.ema_rampup)
+    beta = 0.5 ** (o.batch / max(half, 1e-8))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(run.ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
+    return loss_sum
+
+
+def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), quiet: bool = False,
+                  stop_after_steps: Optional[int] = None) -> dict:
+    """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests)."""
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 and not quiet else (lambda *a: None)
+    run = setup(o, rank=rank, world=world, device=device, log=log)
+    dataset, config, net, ema = run.dataset, run.config, run.net, run.ema
 
     if rank == 0:
         with open(os.path.join(o.outdir, "options.json"), "w") as f:
@@ -370,103 +477,65 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     log(f"network: {o.arch} {config['img_resolution']}x{config['img_resolution']}x{config['img_channels']}, "
         f"{count_parameters(net.model):,} parameters; precond {o.precond}; data {dataset.name} ({len(dataset)} images)")
     log(f"device {device}, {world} rank(s), backend {ops.select_backend(device, o.backend)}, precision {o.precision}, "
-        f"batch {o.batch} = {world} x {rounds} x {batch_gpu}, compile {o.compile}")
+        f"batch {o.batch} = {world} x {run.rounds} x {run.batch_gpu}, compile {o.compile}")
 
+    resumed = run.step > 0
     total_nimg = int(o.kimg * 1000)
     stats_path = os.path.join(o.outdir, "stats.jsonl")
-    per_sample = dataset.num_channels * dataset.resolution**2
-    next_tick = cur_nimg + o.tick * 1000
-    next_snap = cur_nimg + o.snap * 1000 if resume else o.snap * 1000
-    next_ckpt = cur_nimg + o.ckpt * 1000
-    tick_loss, tick_n, tick_t0, tick_nimg = 0.0, 0, time.time(), cur_nimg
-    start_step = step
+    next_tick = run.cur_nimg + o.tick * 1000
+    next_snap = run.cur_nimg + o.snap * 1000 if resumed else o.snap * 1000
+    next_ckpt = run.cur_nimg + o.ckpt * 1000
+    tick_loss = torch.zeros((), dtype=torch.float64, device=device)  # read once per tick, not per step
+    tick_n, tick_t0, tick_nimg = 0, time.time(), run.cur_nimg
+    start_step = run.step
     bar = None
     if rank == 0 and not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit="img", unit_scale=True,
+        bar = tqdm(total=total_nimg, initial=min(run.cur_nimg, total_nimg), unit="img", unit_scale=True,
                    dynamic_ncols=True, mininterval=2.0)
     last_loss = float("nan")
 
     def write_snapshot():
-        snap_path = os.path.join(o.outdir, f"network-snapshot-{cur_nimg // 1000:06d}.pt")
-        atomic_save(dict(config=config, ema=ema.state_dict(), step=step, cur_nimg=cur_nimg), snap_path)
+        snap_path = os.path.join(o.outdir, f"network-snapshot-{run.cur_nimg // 1000:06d}.pt")
+        atomic_save(dict(config=config, ema=ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
         labels = None
         if config["label_dim"]:
             labels = torch.eye(config["label_dim"], device=device)[torch.arange(o.grid, device=device)
                                                                     % config["label_dim"]]
         images = edm_sampler(ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
                              backend=o.backend, device=device)
-        save_grid(images, os.path.join(o.outdir, f"samples-{cur_nimg // 1000:06d}.png"))
+        save_grid(images, os.path.join(o.outdir, f"samples-{run.cur_nimg // 1000:06d}.png"))
         return snap_path
 
     def write_checkpoint():
-        path = os.path.join(o.outdir, f"training-state-{step:08d}.pt")
-        atomic_save(dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                         cur_nimg=cur_nimg, torch_rng=torch.get_rng_state(),
+        path = os.path.join(o.outdir, f"training-state-{run.step:08d}.pt")
+        atomic_save(dict(net=net.state_dict(), ema=ema.state_dict(), opt=run.opt.state_dict(), step=run.step,
+                         cur_nimg=run.cur_nimg, torch_rng=torch.get_rng_state(),
                          cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                          config=json.loads(json.dumps(config))), path)
         for old in checkpoints(o.outdir)[:-o.keep]:
             os.remove(old)
         return path
 
-    params = [p for p in net.parameters()]
-    ema_params = [p for p in ema.parameters()]
-    while cur_nimg < total_nimg and (stop_after_steps is None or step - start_step < stop_after_steps):
-        opt.zero_grad(set_to_none=True)
-        clamp = fdm_clamp(net, step, o.warmup_ite)
-        for r in range(rounds):
-            idx, keys = sampler.take(batch_gpu)
-            idx, keys = torch.from_numpy(idx), torch.from_numpy(keys)
-            y = images_all[idx].to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
-            labels = labels_all[idx].to(device) if labels_all is not None else None
-            # this sample's sigma, flip and augmentation, keyed by its global index
-            u = sample_uniforms(o.seed, keys, 2 + (NUM_UNIFORMS if augment else 0))
-            if o.xflip:
-                y = torch.where((u[:, 1] < 0.5).to(device).reshape(-1, 1, 1, 1), y.flip(3), y)
-            if device.type == "cuda":
-                y = y.contiguous(memory_format=torch.channels_last)
-            aug_labels = None
-            if augment is not None:
-                y, aug_labels = augment(y, u[:, 2:])
-                y = y.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else y.contiguous()
-            sigma = net.precond.sigma_from_uniform(u[:, 0]).to(device=device, dtype=torch.float32)
-            seed, offset = noise_rng(o.seed, keys, per_sample, device)
-            sync = world == 1 or r == rounds - 1
-            ctx = model.no_sync() if (world > 1 and not sync and hasattr(model, "no_sync")) else _null()
-            with ctx:
-                loss = training_loss(train_net, y, sigma, seed=seed, offset=offset, clamp=clamp, labels=labels,
-                                     augment_labels=aug_labels, net_dtype=net_dtype, backend=o.backend)
-                (loss.sum() / batch_gpu_total).backward()
-            tick_loss += float(loss.detach().sum())
-            tick_n += batch_gpu
-        for g in opt.param_groups:
-            g["lr"] = o.lr * min(cur_nimg / max(o.lr_rampup * 1e6, 1e-8), 1)
-        for p in params:
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        opt.step()
-        step += 1
-        cur_nimg += o.batch
-        # EMA with half-life and ramp-up (EDM): beta = 0.5^(batch / half-life)
-        half = o.ema * 1e6
-        if o.ema_rampup:
-            half = min(half, cur_nimg * o.ema_rampup)
-        beta = 0.5 ** (o.batch / max(half, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - beta)
-
+    while run.cur_nimg < total_nimg and (stop_after_steps is None or run.step - start_step < stop_after_steps):
+        clamp = fdm_clamp(net, run.step, o.warmup_ite)
+        tick_loss += train_step(run)
+        tick_n += run.batch_gpu_total
+        cur_nimg = run.cur_nimg
         if bar is not None:
             bar.update(min(o.batch, total_nimg - bar.n))
         done = cur_nimg >= total_nimg
         if cur_nimg >= next_tick or done:
             if world > 1:
-                t = torch.tensor([tick_loss, tick_n], dtype=torch.float64, device=device)
+                t = torch.stack([tick_loss, torch.full((), float(tick_n), dtype=torch.float64, device=device)])
                 torch.distributed.all_reduce(t)
-                tick_loss, tick_n = t.tolist()
+                total_loss, total_n = t.tolist()  # the one read of the loss per tick
+            else:
+                total_loss, total_n = tick_loss.item(), tick_n
             now = time.time()
-            last_loss = tick_loss / max(tick_n, 1)
-            rec = dict(kimg=cur_nimg / 1000, step=step, loss=last_loss, lr=opt.param_groups[0]["lr"],
+            last_loss = total_loss / max(total_n, 1)
+            rec = dict(kimg=cur_nimg / 1000, step=run.step, loss=last_loss, lr=run.opt.param_groups[0]["lr"],
                        img_per_s=(cur_nimg - tick_nimg) / max(now - tick_t0, 1e-9), clamp=clamp,
                        time=now)
             if rank == 0:
@@ -474,7 +543,8 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                     f.write(json.dumps(rec) + "\n")
                 if bar is not None:
                     bar.set_postfix_str(f"loss {last_loss:.4g}, {rec['img_per_s']:.0f} img/s")
-            tick_loss, tick_n, tick_t0, tick_nimg = 0.0, 0, now, cur_nimg
+            tick_loss.zero_()
+            tick_n, tick_t0, tick_nimg = 0, now, cur_nimg
             next_tick += o.tick * 1000
         if rank == 0 and (cur_nimg >= next_snap or done):
             write_snapshot()
@@ -484,9 +554,9 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
             next_ckpt += o.ckpt * 1000
     if bar is not None:
         bar.close()
-    if rank == 0 and stop_after_steps is not None and not (cur_nimg >= total_nimg):
+    if rank == 0 and stop_after_steps is not None and not (run.cur_nimg >= total_nimg):
         write_checkpoint()
-    return dict(step=step, cur_nimg=cur_nimg, loss=last_loss, net=net, ema=ema)
+    return dict(step=run.step, cur_nimg=run.cur_nimg, loss=last_loss, net=net, ema=ema)
 
 
 class _null:

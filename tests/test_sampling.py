@@ -133,14 +133,26 @@ def test_dpm_solver_pp_2m_matches_independent_implementation(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
-def test_cuda_graph_sampling_equals_eager():
+@pytest.mark.parametrize("sampler, kw", [
+    ("edm_sampler", dict()),                          # deterministic Heun: generate's default
+    ("edm_sampler", dict(S_churn=10)),                # stochastic Heun
+    ("edm_sampler", dict(heun=False)),                # Euler
+    ("edm_sampler", dict(heun=False, S_churn=10)),    # Euler with churn
+    ("dpm_solver_pp_2m", dict()),
+])
+@pytest.mark.parametrize("label_dim", [0, 10])
+def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim):
+    from fdm_fast import sampling
     from fdm_fast.nn import build_denoiser
     from fdm_fast.sampling import GraphedSampler
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3,
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=label_dim,
                network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    torch.manual_seed(0)
     net = build_denoiser(cfg).cuda().eval().requires_grad_(False)
-    sampler = GraphedSampler(net, batch=8, num_steps=6, S_churn=10)
-    for seeds in (range(8), range(100, 108)):
-        want = edm_sampler(net, list(seeds), num_steps=6, S_churn=10)
-        torch.testing.assert_close(sampler(list(seeds)), want, rtol=1e-5, atol=1e-5)
+    fn = getattr(sampling, sampler)
+    graphed = GraphedSampler(net, batch=8, sampler=fn, num_steps=6, **kw)
+    for k, seeds in enumerate((range(8), range(100, 108))):
+        labels = torch.eye(10, device="cuda")[[(s + k) % 10 for s in seeds]] if label_dim else None
+        want = fn(net, list(seeds), num_steps=6, class_labels=labels, **kw)
+        torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)

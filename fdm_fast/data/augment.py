@@ -53,8 +53,28 @@ def rotate2d(theta, device):
                 device=device)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without a sync: a pinned, asynchronous copy from the host to a GPU."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
 def _normal(u):
     return math.sqrt(2) * torch.special.erfinv(2 * u.clamp(1e-7, 1 - 1e-7) - 1)
+
+
+_WAVELETS: dict = {}
+
+
+def _wavelet(hz, dtype, device) -> torch.Tensor:
+    """The sym6 filter as a [1, 1, K] tensor on ``device``, made once per (order, dtype, device)."""
+    key = (float(hz[0]), dtype, device)
+    if key not in _WAVELETS:
+        _WAVELETS[key] = torch.as_tensor(np.ascontiguousarray(hz)[None, None, :], dtype=dtype, device=device)
+    return _WAVELETS[key]
 
 
 class AugmentPipe:
@@ -72,10 +92,17 @@ class AugmentPipe:
         self.aniso_rotate_prob, self.translate_frac_std = aniso_rotate_prob, translate_frac_std
 
     def __call__(self, images: torch.Tensor, u: torch.Tensor):
-        """(augmented images, labels [N, 9]) for images [N, C, H, W] (float) and uniforms u [N, 15]."""
+        """(augmented images, labels [N, 9]) for images [N, C, H, W] (float) and uniforms u [N, 15].
+
+        The [N, 3, 3] matrices, the labels and the padding margin are computed where ``u`` lives (pass
+        host uniforms when the images are on a GPU: the margin, a data-dependent size, is then read on
+        the host, not synced from the device); only the final matrix and the labels are copied to the
+        images' device, asynchronously.
+        """
         N, C, H, W = images.shape
-        dev = images.device
-        u = u.to(device=dev, dtype=torch.float32)
+        img_dev = images.device
+        dev = u.device
+        u = u.to(dtype=torch.float32)
         if u.shape != (N, NUM_UNIFORMS):
             raise ValueError(f"u: expected uniforms of shape ({N}, {NUM_UNIFORMS}), got {tuple(u.shape)}")
         zero = torch.zeros(N, device=dev)
@@ -83,10 +110,10 @@ class AugmentPipe:
 
         # Pixel blitting: flips.
         w = torch.where(u[:, 1] < self.xflip * self.p, (u[:, 0] < 0.5).float(), zero)
-        images = torch.where(w.reshape(-1, 1, 1, 1) == 1, images.flip(3), images)
+        images = torch.where(to_device(w, img_dev).reshape(-1, 1, 1, 1) == 1, images.flip(3), images)
         labels.append(w)
         w = torch.where(u[:, 3] < self.yflip * self.p, (u[:, 2] < 0.5).float(), zero)
-        images = torch.where(w.reshape(-1, 1, 1, 1) == 1, images.flip(2), images)
+        images = torch.where(to_device(w, img_dev).reshape(-1, 1, 1, 1) == 1, images.flip(2), images)
         labels.append(w)
 
         # General transformations, as an inverse matrix G_inv [N, 3, 3].
@@ -112,12 +139,12 @@ class AugmentPipe:
 
         if self.p > 0:
             images = self._transform(images, G_inv)
-        return images, torch.stack(labels, dim=1)
+        return images, to_device(torch.stack(labels, dim=1), img_dev)
 
     @staticmethod
     def _transform(images, G_inv):
         N, C, H, W = images.shape
-        dev = images.device
+        img_dev, dev = images.device, G_inv.device
         cx, cy = (W - 1) / 2, (H - 1) / 2
         cp = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=torch.float32, device=dev)
         cp = G_inv @ cp.t()  # [N, xyz, corner]
@@ -134,7 +161,7 @@ class AugmentPipe:
         G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, dev) @ G_inv
 
         # Upsample 2x with the wavelet.
-        wt = torch.as_tensor(Hz[None, None, ::-1].copy(), dtype=images.dtype, device=dev).tile([C, 1, 1])
+        wt = _wavelet(Hz[::-1], images.dtype, img_dev).tile([C, 1, 1])
         pad = (len(Hz) + 1) // 2
         images = torch.stack([images, torch.zeros_like(images)], dim=4).reshape(N, C, images.shape[2], -1)[:, :, :, :-1]
         images = nnf.conv2d(images, wt.unsqueeze(2), groups=C, padding=[0, pad])
@@ -146,11 +173,11 @@ class AugmentPipe:
         # Resample.
         shape = [N, C, (H + Hz_pad * 2) * 2, (W + Hz_pad * 2) * 2]
         G_inv = scale2d(2 / images.shape[3], 2 / images.shape[2], dev) @ G_inv @ scale2d(shape[3] / 2, shape[2] / 2, dev)
-        grid = nnf.affine_grid(theta=G_inv[:, :2, :], size=shape, align_corners=False)
+        grid = nnf.affine_grid(theta=to_device(G_inv[:, :2, :].contiguous(), img_dev), size=shape, align_corners=False)
         images = nnf.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
         # Downsample 2x and crop.
-        wt = torch.as_tensor(Hz[None, None, :].copy(), dtype=images.dtype, device=dev).tile([C, 1, 1])
+        wt = _wavelet(Hz, images.dtype, img_dev).tile([C, 1, 1])
         pad = (len(Hz) - 1) // 2
         images = nnf.conv2d(images, wt.unsqueeze(2), groups=C, stride=[1, 2], padding=[0, pad])[:, :, :, Hz_pad:-Hz_pad]
         images = nnf.conv2d(images, wt.unsqueeze(3), groups=C, stride=[2, 1], padding=[pad, 0])[:, :, Hz_pad:-Hz_pad, :]

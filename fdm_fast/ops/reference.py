@@ -27,6 +27,10 @@ PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (Weyl sequence)
 UNIFORM_SCALE = 4.6566127342e-10  # largest scale with INT32_MAX * scale < 1 in float32
 TWO_PI = 6.283185307179586
+# float32 0-dim host constants: multiplying by them rounds the constant to float32 first, as the
+# kernels do; a CPU scalar tensor joins a device op without a copy to the device
+_UNIFORM_SCALE32 = torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+_TWO_PI32 = torch.tensor(TWO_PI, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,12 +66,12 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     """uint32 -> float32 in [0, 1) exactly as Triton's ``uint_to_uniform_float``."""
     x = torch.where(x >= 2**31, x - 2**32, x)  # bit-cast to int32
     x = torch.where(x < 0, -x - 1, x)  # ~x for negative values
-    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    return x.to(torch.float32) * _UNIFORM_SCALE32
 
 
 def _box_muller(u1: torch.Tensor, u2: torch.Tensor):
     u1 = torch.clamp_min(u1, 1e-7)
-    th = torch.tensor(TWO_PI, dtype=torch.float32, device=u2.device) * u2
+    th = _TWO_PI32 * u2
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th), r * torch.sin(th)
 
