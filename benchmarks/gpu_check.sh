@@ -2,8 +2,11 @@
 # The device check, for a lent machine with an NVIDIA GPU (budget: 8 minutes on an H100; stages time out):
 #   1. builds fdm_fast._C with its CUDA kernels in place (sm_90 only, for speed)
 #   2. runs the GPU tests: the cuda and triton backends against the float64 reference, noise equality,
-#      torch.compile(fullgraph) and CUDA-graph capture (the edm / fdm_edm cases, to fit the time)
-#   3. runs benchmarks/ops_bandwidth.py, train_throughput.py and sampler_speed.py (64x64 DDPM++, batch 64)
+#      torch.compile(fullgraph), CUDA-graph capture of every sampler (the edm / fdm_edm cases, to fit
+#      the time), the layout property test and torch.library.opcheck of every op on CUDA
+#   3. benchmarks/sync_check.py: ten training steps and every sampler under
+#      torch.cuda.set_sync_debug_mode("error")
+#   4. runs benchmarks/ops_bandwidth.py, train_throughput.py and sampler_speed.py (64x64 DDPM++, batch 64)
 # Logs (env, build, tests, bench, train, sampler), JSON and RESULTS_gpu.md (rows to append to
 # benchmarks/RESULTS.md) end up in OUTDIR/gpu_check.tar.gz. A failed stage is recorded; the rest run.
 #
@@ -48,6 +51,13 @@ xdist=""
 $py -c "import xdist" 2>/dev/null && [ "$quick" != "1" ] && xdist="-n 8"
 stage tests 120 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "$sel or gpu or cuda or graph or compile" \
   tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
+layout_cases=12
+[ "$quick" = "1" ] && layout_cases=3
+stage layouts 90 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=$layout_cases $py -m pytest -q -p no:cacheprovider \
+  tests/test_layouts.py tests/test_opcheck.py tests/test_sync_free.py
+sync=(--steps 10)
+[ "$quick" = "1" ] && sync=(--steps 3 --warmup 2)
+stage sync 90 "$out/sync.log" $py benchmarks/sync_check.py "${sync[@]}"
 
 bench=(--json "$out/ops.json" --results "$out/RESULTS_gpu.md" --ops perturb loss heun)
 [ "$quick" = "1" ] && bench+=(--sizes b64 --dtypes fp32 --ops perturb --no-compile --reps 3)

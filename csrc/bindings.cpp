@@ -1,9 +1,9 @@
 // torch.library registration of the compiled fused ops (namespace fdm_fast_ext), and the one place
-// that validates their arguments. The same function serves the CPU, CUDA and Meta dispatch keys:
-// it checks every argument (messages name it; TORCH_CHECK_VALUE / _TYPE raise Python ValueError /
-// TypeError), allocates outputs in the input's layout, and then returns them (Meta: shapes only,
-// which is what torch.compile's fake tensors need) or fills raw-pointer argument structs for the
-// CPU kernels or the CUDA launchers. Kernels never see a torch type.
+// that validates their arguments. The same function serves the CPU and CUDA dispatch keys: it checks
+// every argument (messages name it; TORCH_CHECK_VALUE / _TYPE raise Python ValueError / TypeError),
+// allocates outputs in the input's layout, and fills raw-pointer argument structs for the CPU kernels
+// or the CUDA launchers. Kernels never see a torch type. The fake kernels (shapes only, for
+// torch.compile and meta tensors) are registered in Python (fdm_fast/ops/extension.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -399,7 +399,8 @@ TORCH_LIBRARY(fdm_fast_ext, m) {
   }
 
 FDM_REGISTER(CPU)
-FDM_REGISTER(Meta)
+// No Meta registration here: the fake (shape-only) kernels are Python functions in
+// fdm_fast/ops/extension.py, written over symbolic sizes so torch.compile's dynamic shapes trace.
 #ifdef FDM_WITH_CUDA
 FDM_REGISTER(CUDA)
 #endif

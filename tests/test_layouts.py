@@ -45,29 +45,31 @@ LAYOUTS = ["contiguous", "channels_last", "step2", "window", "permuted", "expand
 
 def realise(v: torch.Tensor, layout: str, r: random.Random) -> torch.Tensor:
     """A tensor with the values of ``v`` (expanded: of its first sample) in the named memory layout."""
+    v = v.to(DEVICE)
+    dev = dict(dtype=v.dtype, device=DEVICE)
     shape, d = tuple(v.shape), r.randrange(1, v.dim()) if v.dim() > 1 else 0
     if layout == "channels_last" and v.dim() == 4:
         return v.contiguous(memory_format=torch.channels_last)
     if layout == "step2":  # every other index of a twice-as-large dim (e.g. a strided view)
         big = list(shape)
         big[d] *= 2
-        t = torch.randn(big, dtype=v.dtype).narrow(d, 0, 2 * shape[d])[(slice(None),) * d + (slice(None, None, 2),)]
+        t = torch.randn(big, **dev).narrow(d, 0, 2 * shape[d])[(slice(None),) * d + (slice(None, None, 2),)]
         return t.copy_(v)
     if layout == "window":  # an offset window of a larger dim (the mean half of a learned-variance output)
         big = list(shape)
         big[d] += 3
-        return torch.randn(big, dtype=v.dtype).narrow(d, 1 + r.randrange(2), shape[d]).copy_(v)
+        return torch.randn(big, **dev).narrow(d, 1 + r.randrange(2), shape[d]).copy_(v)
     if layout == "permuted":
         perm = list(range(v.dim()))
         r.shuffle(perm)
         inv = [perm.index(i) for i in range(v.dim())]
-        return torch.empty([shape[p] for p in perm], dtype=v.dtype).permute(inv).copy_(v)
+        return torch.empty([shape[p] for p in perm], **dev).permute(inv).copy_(v)
     if layout == "expanded":
         return v[:1].expand(shape)
     if layout == "size1_strides":
         base = v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 and r.random() < 0.5 else v.contiguous()
         strides = [s if n != 1 else r.choice([1, 7, 1000]) for s, n in zip(base.stride(), shape)]
-        return torch.empty_strided(shape, strides, dtype=v.dtype).copy_(v) if 1 in shape else base
+        return torch.empty_strided(shape, strides, **dev).copy_(v) if 1 in shape else base
     return v.contiguous()
 
 
@@ -84,7 +86,7 @@ def _expect_layout(name, out, first):
 
 def _sigmas(p, B, g):
     u = torch.rand(B, generator=g, dtype=torch.float64)
-    return (p.sigma_min * (p.sigma_max / p.sigma_min) ** u).float()
+    return (p.sigma_min * (p.sigma_max / p.sigma_min) ** u).float().to(DEVICE)
 
 
 def _f64(t):
@@ -99,7 +101,8 @@ def _run_case(op: str, backend: str, case: int):
     B = shape[0]
     pick = lambda: r.choice(LAYOUTS)  # noqa: E731
     net_dt = r.choice([torch.float32, torch.float32, torch.bfloat16])
-    seed = r.choice([r.randrange(2**40), torch.tensor([r.randrange(2**40) for _ in range(B)], dtype=torch.int64)])
+    seed = r.choice([r.randrange(2**40), torch.tensor([r.randrange(2**40) for _ in range(B)], dtype=torch.int64,
+                                                                          device=DEVICE)])
     off = r.randrange(2**20)
     kw = dict(seed=seed, offset=off)
     ctx = f"{op} on {backend}: precond {p.name}, shape {shape}"
@@ -125,7 +128,7 @@ def _run_case(op: str, backend: str, case: int):
         noise, ln = arg() if op.endswith("noise") else (None, None)
         F = F.detach().requires_grad_(True) if F._base is None else F.requires_grad_(True)
         loss = ops.denoise_loss(F, y, s, p, noise=noise, reduction="none", backend=backend, **kw)
-        grad = torch.rand(B, generator=g)
+        grad = torch.rand(B, generator=g).to(DEVICE)
         (gF,) = torch.autograd.grad(loss, F, grad)
         F64 = _f64(F).requires_grad_(True)
         ref = ops.denoise_loss(F64, _f64(y), s.double(), p, noise=_f64(noise), reduction="none", backend="torch", **kw)
@@ -143,7 +146,7 @@ def _run_case(op: str, backend: str, case: int):
     else:
         (x, lx), s0 = arg(torch.float32, 3.0), _sigmas(p, B, g)
         if op == "churn":
-            th = s0 * (1 + torch.rand(B, generator=g))
+            th = s0 * (1 + torch.rand(B, generator=g).to(DEVICE))
             noise, ln = arg() if r.random() < 0.3 else (None, None)
             xo, ni = ops.churn(x, s0, th, p, noise=noise, net_dtype=net_dt, backend=backend, **kw)
             xr, nr = ops.churn(_f64(x), s0.double(), th.double(), p, noise=_f64(noise), net_dtype=torch.float64,
@@ -155,7 +158,7 @@ def _run_case(op: str, backend: str, case: int):
                          extra_atol=scale * p.c_in(th.double()).abs())
             _expect_layout(ctx, xo, x)
         elif op == "euler":
-            (F, lf), tn = arg(net_dt), s0 * torch.rand(B, generator=g)
+            (F, lf), tn = arg(net_dt), s0 * torch.rand(B, generator=g).to(DEVICE)
             xo, d, ni = ops.euler_step(x, F, s0, tn, p, net_dtype=net_dt, backend=backend)
             xr, dr, nr = ops.euler_step(_f64(x), _f64(F), s0.double(), tn.double(), p, net_dtype=torch.float64,
                                         backend="torch")
@@ -166,9 +169,9 @@ def _run_case(op: str, backend: str, case: int):
             _expect_layout(ctx, xo, x)
         else:
             (d, ld), (F, lf) = arg(), arg(net_dt)
-            tn = s0 * (0.2 + 0.8 * torch.rand(B, generator=g))
+            tn = s0 * (0.2 + 0.8 * torch.rand(B, generator=g).to(DEVICE))
             churn = op == "heun_churn"
-            th = tn * (1 + torch.rand(B, generator=g)) if churn else None
+            th = tn * (1 + torch.rand(B, generator=g).to(DEVICE)) if churn else None
             noise, ln = arg() if churn and r.random() < 0.3 else (None, None)
             xo, ni = ops.heun_step(x, d, F, s0, tn, p, t_hat_next=th, noise=noise, net_dtype=net_dt,
                                    backend=backend, **kw)
@@ -198,12 +201,12 @@ def test_any_layout_gives_the_reference_answer(poison, op, backend):
 def test_the_reported_channel_slice(poison, backend):
     """The issue's reproduction: the mean half of a learned-variance output, y = base[:, :3]."""
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(2, 6, 8, 8, generator=g)
+    base = torch.randn(2, 6, 8, 8, generator=g).to(DEVICE)
     y = base[:, :3]
     want = ops.perturb(y.contiguous(), 1.5, "fdm_edm", seed=7, backend="torch")
     got = ops.perturb(y, 1.5, "fdm_edm", seed=7, backend=backend)
     assert (got - want).abs().max() < 1e-5
-    F = torch.randn(2, 6, 8, 8, generator=g)[:, 3:]
+    F = torch.randn(2, 6, 8, 8, generator=g).to(DEVICE)[:, 3:]
     lw = ops.denoise_loss(F.contiguous(), y.contiguous(), 1.5, "fdm_edm", seed=7, reduction="none", backend="torch")
     lg = ops.denoise_loss(F, y, 1.5, "fdm_edm", seed=7, reduction="none", backend=backend)
     torch.testing.assert_close(lg, lw, rtol=1e-5, atol=1e-5)
@@ -213,9 +216,8 @@ def test_the_reported_channel_slice(poison, backend):
 def test_one_channel_channels_last_output_against_contiguous_data(backend):
     """A channels_last [B, 1, H, W] network output with a contiguous y: the same memory order,
     accepted by every backend (the compiled ones used to compare raw strides and raise)."""
-    F = torch.randn(4, 1, 16, 16).contiguous(memory_format=torch.channels_last)
-    F = torch.empty_strided(F.shape, (256, 1, 16, 1)).copy_(F)
-    y = torch.randn(4, 1, 16, 16)
+    F = torch.empty_strided((4, 1, 16, 16), (256, 1, 16, 1), device=DEVICE).normal_()
+    y = torch.randn(4, 1, 16, 16, device=DEVICE)
     got = ops.denoise_loss(F, y, 0.8, "fdm_edm", seed=1, reduction="none", backend=backend)
     want = ops.denoise_loss(F.contiguous(), y, 0.8, "fdm_edm", seed=1, reduction="none", backend="torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,7 @@
 """The compiled backends ``cpu`` and ``cuda``: loads ``fdm_fast._C`` (which registers the ops as
-``torch.ops.fdm_fast_ext.*``, with CPU, CUDA and Meta kernels) and wraps the loss in its autograd.
+``torch.ops.fdm_fast_ext.*``, with CPU and CUDA kernels), registers their fake kernels (shapes and
+layouts only, over symbolic sizes: torch.compile with dynamic shapes and meta tensors use them), and
+wraps the loss in its autograd.
 
 Importing this module fails with ImportError when the extension was not built; ``_backends`` turns
 that into a clear "not available" reason.
@@ -12,6 +14,60 @@ import torch
 from .. import _C  # noqa: F401  (loading the library registers torch.ops.fdm_fast_ext)
 
 OPS = torch.ops.fdm_fast_ext
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels: outputs in the layout of the op's main input, as the real kernels allocate them.
+
+
+def _like(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    cl = ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(ref, dtype=dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _none(ref: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return ref.new_empty((0,), dtype=dtype)
+
+
+@torch.library.register_fake("fdm_fast_ext::perturb")
+def _perturb_fake(y, sigma, rng, noise, kind, fdm, params, out_dtype, write_x):
+    return _like(y, out_dtype), (_like(y, torch.float32) if write_x else _none(y))
+
+
+@torch.library.register_fake("fdm_fast_ext::randn")
+def _randn_fake(shape, rng):
+    return rng.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fdm_fast_ext::loss_fwd")
+def _loss_fwd_fake(F, y, sigma, rng, noise, clamp, kind, fdm, params, save_grad):
+    return F.new_empty((F.shape[0],), dtype=torch.float32), (_like(F, F.dtype) if save_grad else _none(F, F.dtype))
+
+
+@torch.library.register_fake("fdm_fast_ext::scale_grad")
+def _scale_grad_fake(G, grad):
+    return _like(G, G.dtype)
+
+
+@torch.library.register_fake("fdm_fast_ext::loss_bwd")
+def _loss_bwd_fake(grad, F, y, sigma, rng, noise, clamp, kind, fdm, params):
+    return _like(F, F.dtype)
+
+
+@torch.library.register_fake("fdm_fast_ext::churn")
+def _churn_fake(x, t_cur, t_hat, rng, noise, S_noise, kind, fdm, params, net_dtype):
+    return _like(x, torch.float32), _like(x, net_dtype)
+
+
+@torch.library.register_fake("fdm_fast_ext::euler_step")
+def _euler_fake(x, F, t_cur, t_next, kind, fdm, params, net_dtype, write_x, write_d):
+    return (_like(x, torch.float32) if write_x else _none(x), _like(x, torch.float32) if write_d else _none(x),
+            _like(x, net_dtype))
+
+
+@torch.library.register_fake("fdm_fast_ext::heun_step")
+def _heun_fake(x, d, F, t_cur, t_next, t_hat_next, rng, noise, S_noise, kind, fdm, params, net_dtype):
+    return _like(x, torch.float32), _like(x, net_dtype)
 
 
 def has_cpu() -> bool:
