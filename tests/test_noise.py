@@ -140,5 +140,5 @@ def test_distinct_seeds_and_offsets_differ():
         assert (a != other).float().mean() > 0.99
         assert abs(np.corrcoef(a.numpy(), other.numpy())[0, 1]) < 0.1
     # the offset is in counters (4 elements each): offset 1024 continues the stream 4096 further on
-    assert torch.equal(c[:0], a[:0]) and not torch.equal(c, a)
+    assert (c != a).float().mean() > 0.99
     assert torch.equal(ops.randn((8192,), seed=1, backend="torch")[4096:], c)

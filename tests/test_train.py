@@ -55,6 +55,25 @@ def test_state_dict_names_follow_edm():
         assert k in keys, k
 
 
+def test_attention_math_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """EDM's AttentionOp is float32; autocast would cast SDPA's inputs back to bf16 unless switched off."""
+    import torch.nn.functional as nnf
+
+    seen = []
+    real = nnf.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(nnf, "scaled_dot_product_attention", spy)
+    net = song_unet("ddpmpp", 8, 1, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 1, 8, 8), torch.tensor([0.1, -0.3]))
+    assert seen and all(dt == torch.float32 and not on for dt, on in seen), seen
+    assert torch.isfinite(out.float()).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # The training step.
 

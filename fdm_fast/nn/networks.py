@@ -2,7 +2,8 @@
 parameter names so that its state dicts map one to one (``model.enc.32x32_block0.conv0.weight`` ...).
 
 Differences from EDM's `training/networks.py` that change no result: attention runs through
-``F.scaled_dot_product_attention`` (with its math in float32 like EDM's ``AttentionOp``), and the
+``F.scaled_dot_product_attention`` (with its math in float32 like EDM's ``AttentionOp``, autocast
+switched off around it), and the
 layers avoid in-place ops on autograd-saved tensors so ``torch.compile`` traces them cleanly.
 
 Configurations (EDM train.py): ``ddpmpp`` = positional embedding, standard encoder, resample filter
@@ -12,6 +13,7 @@ channel_mult_noise 2. Both: 128 channels, 4 blocks per resolution, attention at 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -151,10 +153,19 @@ class UNetBlock(nn.Module):
             n, c, h, w = x.shape
             qkv = self.qkv(self.norm2(x)).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
             q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))  # [n, heads, hw, c/heads]
-            # EDM's AttentionOp computes softmax(q k / sqrt(c)) in float32; so do we.
-            a = nnf.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+            # EDM's AttentionOp computes softmax(q k / sqrt(c)) in float32; so do we, also under bf16
+            # autocast (which would otherwise cast SDPA's inputs back to bf16).
+            with _no_autocast(x.device.type):
+                a = nnf.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
             x = (self.proj(a.transpose(-1, -2).reshape(n, c, h, w)) + x) * self.skip_scale
         return x
+
+
+def _no_autocast(device_type: str):
+    """Autocast switched off for the block (where it is on; other devices have no autocast)."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class PositionalEmbedding(nn.Module):
