@@ -4,7 +4,8 @@
 //
 // Each thread handles groups of 4 consecutive logical elements of one sample, so one Philox call
 // (randn4) feeds the four; contiguous tensors with a sample size divisible by 4 and aligned pointers
-// use one wide access per group (16 bytes for fp32, 8 for bf16/fp16). Indexing is 64-bit. The grid
+// use one wide access per group (16 bytes for fp32, 8 for bf16/fp16); channels_last tensors walk
+// groups in memory order (see group_start). Indexing is 64-bit. The grid
 // is sized to the device: blockIdx.y strides over samples, blockIdx.x over a sample's groups, with
 // grid-stride loops in both, so per-sample coefficients are computed once per (block, sample) and
 // the forward loss reduces each block's share of a sample into one partial sum (no atomics).
@@ -57,6 +58,39 @@ __device__ __forceinline__ int64_t address(const Geometry& g, int64_t b, int64_t
   return b * g.P + static_cast<int64_t>(jj - c * hw) * g.C + c;
 }
 
+// channels_last with HW % 4 == 0: a group's 4 logical elements are 4 consecutive pixels of one channel.
+__device__ __forceinline__ bool cl_groups(const Geometry& g) { return g.channels_last && g.HW % 4 == 0; }
+
+// Logical index of the first element of group q. Contiguous: 4q. channels_last (HW % 4 == 0): groups
+// walk memory order, channel fastest (q = pixel_block * C + c), so the threads of a warp touch
+// neighbouring addresses (coalesced) instead of addresses C elements apart; the noise contract only
+// needs the logical index, c * HW + 4 * pixel_block. 32-bit division, once per group.
+__device__ __forceinline__ int64_t group_start(const Geometry& g, int64_t q) {
+  if (!cl_groups(g)) return 4 * q;
+  const uint32_t qq = static_cast<uint32_t>(q), C = static_cast<uint32_t>(g.C);
+  const uint32_t blk = qq / C;
+  return static_cast<int64_t>(qq - blk * C) * g.HW + 4 * static_cast<int64_t>(blk);
+}
+
+// Memory offset of logical element j + k, k = 0..3, of sample b into off[]; valid[] false past the end.
+__device__ __forceinline__ void addresses4(const Geometry& g, int64_t b, int64_t j, int64_t off[4], bool valid[4]) {
+  if (cl_groups(g)) {  // one channel, 4 consecutive pixels: one division for the group
+    const uint32_t jj = static_cast<uint32_t>(j), hw = static_cast<uint32_t>(g.HW);
+    const uint32_t c = jj / hw, p0 = jj - c * hw;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      off[k] = b * g.P + static_cast<int64_t>(p0 + k) * g.C + c;
+      valid[k] = true;
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    valid[k] = j + k < g.P;
+    off[k] = valid[k] ? address(g, b, j + k) : 0;
+  }
+}
+
 template <class T>
 __device__ __forceinline__ void load4(const T* __restrict__ p, const Geometry& g, int64_t b, int64_t j, bool vec,
                                       float v[4]) {
@@ -65,8 +99,11 @@ __device__ __forceinline__ void load4(const T* __restrict__ p, const Geometry& g
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = Conv<T>::to(pk.v[k]);
   } else {
+    int64_t off[4];
+    bool ok[4];
+    addresses4(g, b, j, off, ok);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = j + k < g.P ? Conv<T>::to(p[address(g, b, j + k)]) : 0.0f;
+    for (int k = 0; k < 4; ++k) v[k] = ok[k] ? Conv<T>::to(p[off[k]]) : 0.0f;
   }
 }
 
@@ -79,9 +116,12 @@ __device__ __forceinline__ void store4(T* __restrict__ p, const Geometry& g, int
     for (int k = 0; k < 4; ++k) pk.v[k] = Conv<T>::from(v[k]);
     *reinterpret_cast<Pack4<T>*>(p + b * g.P + j) = pk;
   } else {
+    int64_t off[4];
+    bool ok[4];
+    addresses4(g, b, j, off, ok);
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      if (j + k < g.P) p[address(g, b, j + k)] = Conv<T>::from(v[k]);
+      if (ok[k]) p[off[k]] = Conv<T>::from(v[k]);
   }
 }
 
@@ -128,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbArgs a, bool v
   FDM_SAMPLES {
     const float s = a.sigma[b], cin = c_in(a.sp, s);
     FDM_GROUPS {
-      const int64_t j = 4 * q;
+      const int64_t j = group_start(g, q);
       float y[4], n[4], x[4], o[4];
       load4(static_cast<const TY*>(a.y), g, b, j, vec, y);
       noise4(a.noise, g, b, j, vec, n);
@@ -166,13 +206,13 @@ __global__ void __launch_bounds__(kThreads) loss_fwd_kernel(LossArgs a, bool vec
     float acc = 0.0f;
     FDM_GROUPS {
       float d[4];
-      loss_diff4<TF, TY>(a, c, s, b, 4 * q, vec, d);
+      loss_diff4<TF, TY>(a, c, s, b, group_start(g, q), vec, d);
       acc += d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + d[3] * d[3];
       if (a.G) {  // the unscaled gradient, so the backward is a scale (no second noise pass)
         float gr[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) gr[k] = gscale * d[k];
-        store4(static_cast<TF*>(a.G), g, b, 4 * q, vec, gr);
+        store4(static_cast<TF*>(a.G), g, b, group_start(g, q), vec, gr);
       }
     }
     acc = warp_sum(acc);
@@ -197,10 +237,10 @@ __global__ void __launch_bounds__(kThreads) loss_bwd_kernel(LossArgs a, bool vec
     const float scale = a.grad[b] * fminf(c.weight, a.clamp[0]) * 2.0f * c.c_out;
     FDM_GROUPS {
       float d[4];
-      loss_diff4<TF, TY>(a, c, s, b, 4 * q, vec, d);
+      loss_diff4<TF, TY>(a, c, s, b, group_start(g, q), vec, d);
 #pragma unroll
       for (int k = 0; k < 4; ++k) d[k] *= scale;
-      store4(static_cast<TF*>(a.dF), g, b, 4 * q, vec, d);
+      store4(static_cast<TF*>(a.dF), g, b, group_start(g, q), vec, d);
     }
   }
 }
@@ -212,10 +252,10 @@ __global__ void __launch_bounds__(kThreads) scale_grad_kernel(LossArgs a, bool v
     const float gs = a.grad[b];
     FDM_GROUPS {
       float v[4];
-      load4(static_cast<const TF*>(a.F), g, b, 4 * q, vec, v);
+      load4(static_cast<const TF*>(a.F), g, b, group_start(g, q), vec, v);
 #pragma unroll
       for (int k = 0; k < 4; ++k) v[k] *= gs;
-      store4(static_cast<TF*>(a.dF), g, b, 4 * q, vec, v);
+      store4(static_cast<TF*>(a.dF), g, b, group_start(g, q), vec, v);
     }
   }
 }
@@ -227,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) churn_kernel(ChurnArgs a, bool vec) 
     const float t = a.t_cur[b], th = a.t_hat[b];
     const float scale = sqrtf(fmaxf(th * th - t * t, 0.0f)) * a.S_noise, cin = c_in(a.sp, th);
     FDM_GROUPS {
-      const int64_t j = 4 * q;
+      const int64_t j = group_start(g, q);
       float x[4], n[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4];
       load4(a.x, g, b, j, vec, x);
       if (scale != 0.0f) noise4(a.noise, g, b, j, vec, n);  // t_hat = t_cur: no Philox
@@ -250,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) euler_kernel(EulerArgs a, bool vec) 
     const Coeffs c = coefficients(a.sp, t);
     const float cin = c_in(a.sp, tn);
     FDM_GROUPS {
-      const int64_t j = 4 * q;
+      const int64_t j = group_start(g, q);
       float x[4], f[4], d[4], o[4];
       load4(a.x, g, b, j, vec, x);
       load4(static_cast<const TF*>(a.F), g, b, j, vec, f);
@@ -278,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) heun_kernel(HeunArgs a, bool vec) {
     const float scale = churning ? sqrtf(fmaxf(t_out * t_out - tn * tn, 0.0f)) * a.S_noise : 0.0f;
     const float cin = c_in(a.sp, t_out);
     FDM_GROUPS {
-      const int64_t j = 4 * q;
+      const int64_t j = group_start(g, q);
       float x[4], d[4], f[4], n[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4];
       load4(a.x, g, b, j, vec, x);
       load4(a.d, g, b, j, vec, d);
@@ -302,8 +342,8 @@ __global__ void __launch_bounds__(kThreads) randn_kernel(RandnArgs a, bool vec) 
   FDM_SAMPLES {
     FDM_GROUPS {
       float n[4];
-      noise4(a.noise, g, b, 4 * q, vec, n);
-      store4(a.out, g, b, 4 * q, vec, n);
+      noise4(a.noise, g, b, group_start(g, q), vec, n);
+      store4(a.out, g, b, group_start(g, q), vec, n);
     }
   }
 }
