@@ -32,6 +32,7 @@ import torch
 from . import ops
 from .data import DatasetError, open_dataset
 from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe, to_device
+from .data.order import GlobalOrder
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
@@ -89,6 +90,7 @@ class Options:
     backend: Optional[str]
     channel_mult: Optional[tuple]
     network: dict
+    exact_reduce: bool = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grid-steps", type=int, default=18, help="Heun steps for the sample grid (default 18)")
     a("--resolution", type=int, default=None, help="digits: upsampled resolution (default 16); else a check")
     a("--backend", default=None, help="fused-op backend (default: the fastest available)")
+    a("--exact-reduce", action="store_true",
+      help="with several ranks: add the ranks' gradients in rank order (all-gather; world x the traffic), so "
+           "N ranks with one round each train bitwise what one process with N accumulation rounds does "
+           "(default: an all-reduce sum, bitwise the same for 2 ranks, float-rounding close otherwise)")
     a("--dry-run", action="store_true", help="print the resolved options and exit")
     return ap.parse_args(argv)
 
@@ -188,7 +194,7 @@ def resolve(args: argparse.Namespace) -> Options:
         precision=args.precision, tf32=args.tf32, seed=args.seed, resume=args.resume,
         tick=args.tick or max(kimg / 100, batch / 1000), snap=snap, ckpt=args.ckpt or snap, keep=args.keep,
         grid=args.grid, grid_steps=args.grid_steps, resolution=args.resolution, backend=args.backend,
-        channel_mult=r["channel_mult"], network=copy.deepcopy(r.get("network", {})))
+        channel_mult=r["channel_mult"], network=copy.deepcopy(r.get("network", {})), exact_reduce=args.exact_reduce)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,32 +213,6 @@ def init_distributed():
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-class InfiniteSampler:
-    """Indices of this rank's shard, epoch after epoch, each epoch a seeded permutation; ``start`` is
-    the number of indices this rank already consumed, so a resumed run continues the same order."""
-
-    def __init__(self, size: int, rank: int, world: int, seed: int, start: int = 0):
-        self.per_rank = size // world
-        if self.per_rank < 1:
-            raise DatasetError(f"dataset: {size} images cannot be shared by {world} ranks")
-        self.size, self.rank, self.world, self.seed, self.pos = size, rank, world, seed, start
-        self._epoch, self._perm = -1, None
-
-    def take(self, n: int):
-        """(dataset indices, global sample keys) of the next n samples. The key of this rank's stream
-        position q is world * q + rank: the same sample and key a single process would have there."""
-        out = np.empty(n, dtype=np.int64)
-        keys = (np.arange(self.pos, self.pos + n, dtype=np.int64)) * self.world + self.rank
-        for k in range(n):
-            epoch, i = divmod(self.pos, self.per_rank)
-            if epoch != self._epoch:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)[: self.per_rank * self.world]
-                self._perm, self._epoch = perm[self.rank::self.world], epoch
-            out[k] = self._perm[i]
-            self.pos += 1
-        return out, keys
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +281,7 @@ class Run:
     opt: torch.optim.Optimizer
     model: torch.nn.Module  # net.model, wrapped by DDP and/or torch.compile
     train_net: torch.nn.Module  # a Denoiser around ``model`` (shares net's parameters)
-    sampler: "InfiniteSampler"
+    order: GlobalOrder
     images: torch.Tensor  # uint8 [N, C, H, W] on the host (pinned on CUDA)
     labels: Optional[torch.Tensor]  # [N, label_dim] on the device, or None
     augment: Optional[AugmentPipe]
@@ -377,7 +357,9 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         log(f"resumed from {resume} at step {step} ({cur_nimg / 1000:.1f} kimg)")
-    sampler = InfiniteSampler(len(dataset), rank, world, o.seed, start=step * batch_gpu_total)
+    if len(dataset) < 1:
+        raise DatasetError(f"{o.data or o.ds}: the dataset has no images")
+    order = GlobalOrder(len(dataset), o.seed)
 
     images = dataset.images_as_tensor()  # uint8 on the host; batches are gathered into pinned buffers
     if device.type == "cuda":
@@ -390,13 +372,35 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None, broadcast_buffers=False)
+        model.register_comm_hook(None, _ordered_sum_hook if o.exact_reduce else _sum_hook)
     if o.compile:
         model = torch.compile(model)
     train_net = type(net)(net.precond, model, config)  # shares parameters with net
     return Run(o=o, rank=rank, world=world, device=device, dataset=dataset, config=config, net=net, ema=ema, opt=opt,
-               model=model, train_net=train_net, sampler=sampler, images=images, labels=labels, augment=augment,
+               model=model, train_net=train_net, order=order, images=images, labels=labels, augment=augment,
                rounds=rounds, batch_gpu=batch_gpu, batch_gpu_total=batch_gpu_total, net_dtype=net_dtype,
                per_sample=dataset.num_channels * dataset.resolution**2, step=step, cur_nimg=cur_nimg)
+
+
+def _sum_hook(state, bucket):
+    """DDP reduction as a sum: every rank's loss is already divided by the global batch, so the sum of
+    the ranks' gradients is the single-process gradient (with 2 ranks bitwise: a + b == b + a)."""
+    fut = torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def _ordered_sum_hook(state, bucket):
+    """``--exact-reduce``: gather every rank's gradients and add them in rank order, the order in which
+    one process accumulates the same slices (world x the traffic of an all-reduce)."""
+    buf = bucket.buffer()
+    parts = [torch.empty_like(buf) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, buf)
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    fut = torch.futures.Future()
+    fut.set_result(total)
+    return fut
 
 
 def _gather(run: Run, idx: np.ndarray) -> torch.Tensor:
@@ -418,8 +422,15 @@ def train_step(run: Run) -> torch.Tensor:
     run.opt.zero_grad(set_to_none=True)
     clamp = fdm_clamp(net, run.step, o.warmup_ite)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # this rank's slice of the step's global batch (data/order.py); a sample's key is its global position
+    first = run.step * o.batch + run.rank * run.batch_gpu_total
     for r in range(run.rounds):
-        idx, keys = run.sampler.take(run.batch_gpu)
+        start = first + r * run.batch_gpu
+        idx = run.order.indices(start, run.batch_gpu)
+        keys = np.arange(start, start + run.batch_gpu, dtype=np.int64)
+        # dropout draws from torch's generator: seed it from the round's first position, so the same
+        # slice of the global batch gets the same masks on any rank and after a resume
+        torch.manual_seed(int(np.random.SeedSequence([o.seed, start]).generate_state(1, np.uint64)[0] >> 1))
         y = _gather(run, idx).to(torch.float32) / 127.5 - 1
         keys_host = torch.from_numpy(keys)
         # this sample's sigma, flip and augmentation, keyed by its global index (computed on the host)
@@ -441,7 +452,7 @@ def train_step(run: Run) -> torch.Tensor:
         with ctx:
             loss = training_loss(run.train_net, y, sigma, seed=seed, offset=offset, clamp=clamp, labels=labels,
                                  augment_labels=aug_labels, net_dtype=run.net_dtype, backend=o.backend)
-            (loss.sum() / run.batch_gpu_total).backward()
+            (loss.sum() / o.batch).backward()  # ranks' gradients are summed (_sum_hook), not averaged
         loss_sum += loss.detach().sum()
     for g in run.opt.param_groups:
         g["lr"] = o.lr * min(run.cur_nimg / max(o.lr_rampup * 1e6, 1e-8), 1)

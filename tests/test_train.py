@@ -6,13 +6,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from fdm_fast import schedules
 from fdm_fast.loss import fdm_clamp, noise_rng, sample_uniforms, training_loss, training_loss_composite
 from fdm_fast.nn import build_denoiser, count_parameters, song_unet
-from fdm_fast.train import InfiniteSampler, load_snapshot, parse_args, resolve, training_loop
+from fdm_fast.data.order import GlobalOrder
+from fdm_fast.train import load_snapshot, parse_args, resolve, training_loop
 
 TINY = ["--ds", "digits", "--resolution", "8", "--batch", "32", "--precision", "fp32", "--grid", "4",
         "--grid-steps", "3", "--no-compile"]
@@ -122,13 +124,15 @@ def test_sample_keys_are_pure_functions_of_the_global_index():
     assert s.mean().item() == pytest.approx(-1.2, abs=0.02) and s.std().item() == pytest.approx(1.2, abs=0.02)
 
 
-def test_sampler_shards_cover_what_one_process_sees():
-    one = InfiniteSampler(100, 0, 1, seed=5)
-    a0, k0 = InfiniteSampler(100, 0, 2, seed=5).take(8)
-    a1, k1 = InfiniteSampler(100, 1, 2, seed=5).take(8)
-    idx, keys = one.take(16)
-    assert sorted(keys.tolist()) == sorted(k0.tolist() + k1.tolist())
-    assert dict(zip(keys.tolist(), idx.tolist())) == dict(zip(k0.tolist() + k1.tolist(), a0.tolist() + a1.tolist()))
+def test_global_order_is_epochs_of_permutations_and_slices_freely():
+    order = GlobalOrder(37, seed=5)
+    seq = order.indices(0, 37 * 3 + 5)
+    for e in range(3):
+        assert sorted(seq[37 * e:37 * (e + 1)].tolist()) == list(range(37)), "an epoch covers every image once"
+    assert not np.array_equal(seq[:37], seq[37:74]), "each epoch has its own permutation"
+    # any slicing of the positions (ranks, rounds, resume) reads the same sequence
+    parts = [GlobalOrder(37, seed=5).indices(a, b - a) for a, b in ((0, 13), (13, 50), (50, 116))]
+    assert np.array_equal(np.concatenate(parts), seq)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,23 +202,55 @@ def test_dry_run_prints_recipe_defaults():
     assert math.isclose(resolve(parse_args(["--ds", "digits", "--kimg", "3"])).kimg, 3)
 
 
-def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
-    """torchrun with 2 CPU ranks (gloo) and the same global batch trains the same weights."""
+def _small_dataset(path, n=37):
+    """n random 8x8 grayscale PNGs: a dataset size that no batch or rank count here divides."""
+    from PIL import Image
+
+    path.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(g.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(path / f"{i:03d}.png")
+    return str(path)
+
+
+def _torchrun(tmp_path, data, n, name, *flags, steps=10):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
         "from fdm_fast.train import init_distributed, parse_args, resolve, training_loop\n"
-        "out = sys.argv[1]\n"
-        f"o = resolve(parse_args({TINY!r} + ['--outdir', out, '--kimg', '100']))\n"
+        "out, flags = sys.argv[1], sys.argv[2:]\n"
+        f"o = resolve(parse_args(['--ds', {data!r}, '--precision', 'fp32', '--no-compile', '--kimg', '100', "
+        "'--dropout', '0.1', '--grid', '4', '--grid-steps', '2', '--outdir', out] + flags))\n"
         "o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.channel_mult = (1, 2)\n"
         "rank, world, device = init_distributed()\n"
-        "res = training_loop(o, rank=rank, world=world, device=device, quiet=True, stop_after_steps=3)\n"
+        f"res = training_loop(o, rank=rank, world=world, device=device, quiet=True, stop_after_steps={steps})\n"
         "if rank == 0: torch.save(res['net'].state_dict(), out + '/final.pt')\n"
         "if world > 1: torch.distributed.destroy_process_group()\n")
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    for n in (1, 2):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        str(script), str(tmp_path / f"w{n}")], check=True, env=env, capture_output=True)
-    one, two = torch.load(tmp_path / "w1/final.pt"), torch.load(tmp_path / "w2/final.pt")
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6, msg=k)
+    out = tmp_path / name
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        str(script), str(out), *flags], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out / "final.pt")
+
+
+def test_ranks_train_exactly_what_one_process_trains(tmp_path):
+    """Over 10 steps = 4.3 epochs of a 37-image dataset (no batch, rank or round count divides it):
+    2 gloo ranks (batch 16, 8 per rank) give bitwise the fp32 weights of 1 process accumulating 2
+    rounds of 8; 3 ranks with --exact-reduce (batch 24) bitwise those of 1 process with 3 rounds;
+    2 ranks x 2 rounds vs 1 process x 4 rounds (a different summation order) agree to float rounding."""
+    data = _small_dataset(tmp_path / "data")
+
+    def same(a, b, exact=True):
+        for k in a:
+            if exact:
+                assert torch.equal(a[k], b[k]), k
+            else:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    one2 = _torchrun(tmp_path, data, 1, "one2", "--batch", "16", "--batch-gpu", "8")
+    same(one2, _torchrun(tmp_path, data, 2, "two", "--batch", "16"))
+    one3 = _torchrun(tmp_path, data, 1, "one3", "--batch", "24", "--batch-gpu", "8")
+    same(one3, _torchrun(tmp_path, data, 3, "three", "--batch", "24", "--exact-reduce"))
+    one4 = _torchrun(tmp_path, data, 1, "one4", "--batch", "32", "--batch-gpu", "8")
+    same(one4, _torchrun(tmp_path, data, 2, "two_acc", "--batch", "32", "--batch-gpu", "8"), exact=False)
