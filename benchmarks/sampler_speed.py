@@ -156,7 +156,7 @@ def nfe_fid(args, device, extractor=None):
     import numpy as np
 
     from fdm_fast.fid import features, frechet_distance, load_inception, statistics
-    from fdm_fast.train import load_snapshot
+    from fdm_fast.snapshots import load_snapshot
 
     net = load_snapshot(str(args.network), device)
     extractor = extractor or load_inception(args.inception, device)

@@ -97,7 +97,7 @@ def _image_batches(path: str, batch: int):
 
 def _generated_batches(network: str, num: int, batch: int, steps: int, device):
     from .sampling import edm_sampler
-    from .train import load_snapshot
+    from .snapshots import load_snapshot
 
     net = load_snapshot(network, device)
     for i in range(0, num, batch):

@@ -17,7 +17,9 @@ import torch
 
 from . import ops
 from .sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler
-from .train import init_distributed, load_snapshot, save_grid
+from .distributed import init_distributed
+from .images import save_grid
+from .snapshots import SnapshotError, load_snapshot
 
 
 def parse_seeds(s: str) -> list:
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the network (default: on with CUDA)")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                    help="replay the whole Heun/Euler loop as one CUDA graph per full batch (default: on with CUDA)")
+                    help="replay the whole sampler loop as one CUDA graph per full batch (default: on with CUDA)")
     args = ap.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
@@ -71,6 +73,21 @@ def main(argv=None) -> int:
     if not args.outdir and not args.grid:
         print("error: give --outdir DIR and/or --grid FILE.png", file=sys.stderr)
         return 2
+    for flag, v in (("--batch", args.batch), ("--steps", args.steps)):
+        if v < 1:
+            print(f"error: {flag}: expected a positive integer, got {v}", file=sys.stderr)
+            return 2
+    if args.grid:
+        parent = os.path.dirname(os.path.abspath(args.grid))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            print(f"error: --grid {args.grid}: the folder {parent} does not exist or is not writable", file=sys.stderr)
+            return 2
+    if args.outdir:
+        try:
+            os.makedirs(args.outdir, exist_ok=True)
+        except OSError as e:
+            print(f"error: --outdir {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
+            return 2
     if not os.path.isfile(args.network):
         print(f"error: --network {args.network}: no such file", file=sys.stderr)
         return 2
@@ -81,7 +98,11 @@ def main(argv=None) -> int:
     if args.cuda_graph and device.type != "cuda":
         print("error: --cuda-graph needs a CUDA device", file=sys.stderr)
         return 2
-    net = load_snapshot(args.network, device)
+    try:
+        net = load_snapshot(args.network, device)
+    except SnapshotError as e:
+        print(f"error: --network {e}", file=sys.stderr)
+        return 2
     labels_for = None
     if net.label_dim:
         if args.class_idx is None:

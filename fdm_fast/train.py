@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import glob
 import json
-import math
 import os
-import re
 import sys
 import time
 from typing import Optional
@@ -34,9 +31,13 @@ from .data import DatasetError, open_dataset
 from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe, to_device
 from .data.order import GlobalOrder
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
+from .distributed import init_distributed
+from .images import save_grid
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
 from .schedules import PRECONDS
+from .snapshots import (SnapshotError, atomic_save, checkpoints, load_snapshot, load_state,  # noqa: F401
+                        newest_valid_checkpoint, normalise_config, remove, remove_stale_temp_files, snapshot_name)
 
 # Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
 # network for the embedded digits that trains to recognisable samples in minutes on a 2-core CPU.
@@ -198,71 +199,6 @@ def resolve(args: argparse.Namespace) -> Options:
 
 
 # ------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK).
-
-
-def init_distributed():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-# ------------------------------------------------------------------------------------------------
-# Files.
-
-
-def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_grid(images: torch.Tensor, path: str) -> None:
-    """A square-ish PNG grid of images in [-1, 1] (written atomically)."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    pad = max(1, h // 16)  # a gray line between images
-    x = (images.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
-    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 128, dtype=torch.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[:, top:top + h, left:left + w] = x[k]
-    arr = grid.permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr[:, :, 0] if c == 1 else arr, "L" if c == 1 else "RGB")
-    scale = max(1, 256 // max(h, 1))  # small images are hard to see: enlarge
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    tmp = path + ".tmp.png"
-    im.save(tmp)
-    os.replace(tmp, path)
-
-
-def checkpoints(outdir: str) -> list:
-    return sorted(glob.glob(os.path.join(outdir, "training-state-*.pt")),
-                  key=lambda p: int(re.findall(r"(\d+)\.pt$", p)[0]))
-
-
-def load_snapshot(path: str, device="cpu"):
-    """The EMA network of a snapshot, built from its config (loads with weights_only=True: no pickled code)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    denoiser = build_denoiser(data["config"])
-    denoiser.load_state_dict(data["ema"])
-    return denoiser.eval().requires_grad_(False).to(device)
-
-
-# ------------------------------------------------------------------------------------------------
 # The loop: set-up, the step, bookkeeping.
 
 
@@ -336,19 +272,25 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
     step, cur_nimg = 0, 0
     if rank == 0:
         os.makedirs(o.outdir, exist_ok=True)
-    resume = o.resume
+        for name in remove_stale_temp_files(o.outdir):
+            log(f"removed {name}, a temporary file an interrupted write left behind")
+    state, resume = None, o.resume
     if resume == "auto":
-        found = checkpoints(o.outdir)
-        resume = found[-1] if found else None
-        if resume is None:
-            log(f"--resume auto: no checkpoint in {o.outdir}, starting a new run")
-    if resume:
-        if not os.path.isfile(resume):
-            raise SystemExit(f"error: --resume {resume}: no such checkpoint")
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        if state["config"] != json.loads(json.dumps(config)):
+        found = newest_valid_checkpoint(o.outdir, log=log)
+        if found is None:
+            log(f"--resume auto: no usable checkpoint in {o.outdir}, starting a new run")
+        else:
+            resume, state = found
+    elif resume:
+        try:
+            state = load_state(resume)
+        except SnapshotError as e:
+            raise SystemExit(f"error: --resume {e}") from None
+    if state is not None:
+        if normalise_config(state["config"]) != normalise_config(config):
             raise SystemExit(f"error: --resume {resume}: the checkpoint's network/precond config differs from this "
-                             f"run's:\n  checkpoint: {state['config']}\n  this run:   {json.loads(json.dumps(config))}")
+                             f"run's:\n  checkpoint: {normalise_config(state['config'])}\n"
+                             f"  this run:   {normalise_config(config)}")
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -357,6 +299,8 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         log(f"resumed from {resume} at step {step} ({cur_nimg / 1000:.1f} kimg)")
+        if rank == 0:
+            _truncate_stats(os.path.join(o.outdir, "stats.jsonl"), step)
     if len(dataset) < 1:
         raise DatasetError(f"{o.data or o.ds}: the dataset has no images")
     order = GlobalOrder(len(dataset), o.seed)
@@ -380,6 +324,23 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
                model=model, train_net=train_net, order=order, images=images, labels=labels, augment=augment,
                rounds=rounds, batch_gpu=batch_gpu, batch_gpu_total=batch_gpu_total, net_dtype=net_dtype,
                per_sample=dataset.num_channels * dataset.resolution**2, step=step, cur_nimg=cur_nimg)
+
+
+def _truncate_stats(path: str, step: int) -> None:
+    """Drop stats rows of steps after the resumed checkpoint, so the log reads as one run."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from a kill
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def _sum_hook(state, bucket):
@@ -508,7 +469,7 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     last_loss = float("nan")
 
     def write_snapshot():
-        snap_path = os.path.join(o.outdir, f"network-snapshot-{run.cur_nimg // 1000:06d}.pt")
+        snap_path = os.path.join(o.outdir, snapshot_name(run.cur_nimg))
         atomic_save(dict(config=config, ema=ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
         labels = None
         if config["label_dim"]:
@@ -516,7 +477,7 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                                                                     % config["label_dim"]]
         images = edm_sampler(ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
                              backend=o.backend, device=device)
-        save_grid(images, os.path.join(o.outdir, f"samples-{run.cur_nimg // 1000:06d}.png"))
+        save_grid(images, os.path.join(o.outdir, snapshot_name(run.cur_nimg, "samples", "png")))
         return snap_path
 
     def write_checkpoint():
@@ -526,7 +487,7 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                          cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                          config=json.loads(json.dumps(config))), path)
         for old in checkpoints(o.outdir)[:-o.keep]:
-            os.remove(old)
+            remove(old)
         return path
 
     while run.cur_nimg < total_nimg and (stop_after_steps is None or run.step - start_step < stop_after_steps):
@@ -588,7 +549,7 @@ def main(argv=None):
         return 0
     try:
         training_loop(o, rank=rank, world=world, device=device)
-    except DatasetError as e:
+    except (DatasetError, SnapshotError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

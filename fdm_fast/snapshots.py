@@ -1,0 +1,164 @@
+"""Run files: training states and network snapshots, written atomically with a SHA-256 beside each,
+verified on load. Shared by train, generate, fid and the benchmarks (so none of them imports train).
+
+Each ``X.pt`` gets ``X.pt.sha256`` in ``sha256sum`` format (``sha256sum -c X.pt.sha256`` checks it by
+hand). Writing: payload to ``X.pt.tmp<pid>``, then its checksum to ``X.pt.sha256.tmp<pid>``, then both
+renamed (checksum first). A crash leaves either the old pair, a checksum whose file is missing or
+differs (the file fails verification and ``--resume auto`` takes the previous one), or temp files
+that the next start of the run removes. Files load with ``torch.load(weights_only=True)``: no
+pickled code runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+
+STATE_RE = re.compile(r"^training-state-(\d{8})\.pt$")
+TMP_RE = re.compile(r"^(training-state-\d+\.pt|network-snapshot-[\d-]+\.pt)(\.sha256)?\.tmp\d+$|"
+                    r"^samples-[\d-]+\.png\.tmp\.png$")
+
+
+class SnapshotError(Exception):
+    """A run file that cannot be used: missing, truncated, corrupt, or not the kind of file expected."""
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)`` with its checksum beside it, both renamed into place (module docstring)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = sha256_of(tmp)
+    side = f"{path}.sha256"
+    with open(f"{side}.tmp{os.getpid()}", "w") as f:
+        f.write(f"{digest}  {os.path.basename(path)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{side}.tmp{os.getpid()}", side)
+    os.replace(tmp, path)
+
+
+def remove(path: str) -> None:
+    for p in (path, f"{path}.sha256"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def verify(path: str) -> None:
+    """Raise SnapshotError unless ``path`` exists, is non-empty and matches its checksum (if it has one;
+    a file without one, e.g. from before checksums, only warns)."""
+    if not os.path.isfile(path):
+        raise SnapshotError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise SnapshotError(f"{path}: empty file")
+    side = f"{path}.sha256"
+    if not os.path.isfile(side):
+        warnings.warn(f"{path}: no checksum file ({os.path.basename(side)}) beside it; loading unverified",
+                      stacklevel=3)
+        return
+    want = open(side).read().split()[:1]
+    got = sha256_of(path)
+    if not want or want[0] != got:
+        raise SnapshotError(f"{path}: the file does not match its checksum {os.path.basename(side)} "
+                            f"(SHA-256 {got[:16]}..., expected {(want or ['?'])[0][:16]}...): it is corrupt or "
+                            "was overwritten; use an earlier file")
+
+
+def load(path: str, *, kind: str = "file") -> dict:
+    """The dict saved at ``path``, verified, loaded with weights_only=True; clear errors otherwise."""
+    verify(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, pickled code refused
+        raise SnapshotError(f"{path}: not a readable {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    if not isinstance(data, dict):
+        raise SnapshotError(f"{path}: expected a {kind} (a dict), got a {type(data).__name__}")
+    return data
+
+
+def what_is(data: dict) -> str:
+    if {"net", "opt", "ema", "step", "config"} <= set(data):
+        return "a training state"
+    if {"ema", "config"} <= set(data):
+        return "a network snapshot"
+    return f"not an fdm_fast run file (keys: {', '.join(sorted(map(str, data))[:8])})"
+
+
+def load_state(path: str) -> dict:
+    """A training state (training-state-*.pt), or SnapshotError naming what the file is instead."""
+    data = load(path, kind="training state")
+    if what_is(data) != "a training state":
+        raise SnapshotError(f"{path}: this is {what_is(data)}, not a training state (training-state-*.pt)")
+    return data
+
+
+def normalise_config(config: dict) -> dict:
+    """A config as JSON sees it: tuples and lists alike, so (8,) == [8]."""
+    return json.loads(json.dumps(config))
+
+
+def checkpoints(outdir: str) -> list:
+    """The run's training states (exactly ``training-state-NNNNNNNN.pt``), oldest first."""
+    found = [p for p in glob.glob(os.path.join(outdir, "training-state-*.pt")) if STATE_RE.match(os.path.basename(p))]
+    return sorted(found, key=lambda p: int(STATE_RE.match(os.path.basename(p)).group(1)))
+
+
+def newest_valid_checkpoint(outdir: str, log=print) -> Optional[tuple]:
+    """(path, state) of the newest training state that verifies and loads; names each one skipped."""
+    for path in reversed(checkpoints(outdir)):
+        try:
+            return path, load_state(path)
+        except SnapshotError as e:
+            log(f"--resume auto: skipping {os.path.basename(path)}: {e}")
+    return None
+
+
+def remove_stale_temp_files(outdir: str) -> list:
+    """Delete temp files a killed writer left in ``outdir`` (ours only, by exact name pattern)."""
+    gone = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            if TMP_RE.match(name):
+                os.remove(os.path.join(outdir, name))
+                gone.append(name)
+    return gone
+
+
+def snapshot_name(cur_nimg: int, prefix: str = "network-snapshot", ext: str = "pt") -> str:
+    """``network-snapshot-000060.pt`` at whole kimg, ``...-000000-512.pt`` between: never two for one count."""
+    rest = f"-{cur_nimg % 1000:03d}" if cur_nimg % 1000 else ""
+    return f"{prefix}-{cur_nimg // 1000:06d}{rest}.{ext}"
+
+
+def load_snapshot(path: str, device="cpu"):
+    """The EMA network of a snapshot, built from its config (verified; weights_only=True)."""
+    from .nn import build_denoiser
+
+    data = load(path, kind="network snapshot")
+    if "ema" not in data or "config" not in data:
+        raise SnapshotError(f"{path}: this is {what_is(data)}, not a network snapshot (network-snapshot-*.pt, "
+                            "or a training state)")
+    try:
+        denoiser = build_denoiser(data["config"])
+        denoiser.load_state_dict(data["ema"])
+    except Exception as e:
+        raise SnapshotError(f"{path}: its weights do not fit the network its config describes "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return denoiser.eval().requires_grad_(False).to(device)

@@ -1,0 +1,109 @@
+"""Run files under damage: checksums verified on load, --resume auto falls back past bad checkpoints,
+stale temp files removed, stats.jsonl read as one run, snapshot names never collide, and generate
+refuses bad network files with a message."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fdm_fast import generate, snapshots
+from fdm_fast.train import training_loop
+from test_train import tiny_options
+
+
+def _run(path, *extra, steps):
+    return training_loop(tiny_options(path, "--kimg", "100", "--ckpt", "0.032", "--snap", "0.064", *extra),
+                         quiet=True, stop_after_steps=steps)
+
+
+def test_corrupt_checkpoint_is_refused_and_auto_resume_falls_back(tmp_path, capsys):
+    full = _run(tmp_path / "full", steps=6)
+    run = tmp_path / "run"
+    _run(run, steps=6)  # checkpoints at steps 1..6, the last 3 kept
+    states = snapshots.checkpoints(str(run))
+    assert [os.path.basename(p) for p in states] == [f"training-state-{s:08d}.pt" for s in (4, 5, 6)]
+    newest = states[-1]
+    with open(newest, "r+b") as f:  # 16 KiB overwritten in the middle
+        f.seek(os.path.getsize(newest) // 2)
+        f.write(os.urandom(16384))
+    with pytest.raises(SystemExit, match="does not match its checksum"):
+        _run(run, "--resume", newest, steps=1)
+    open(states[-2], "w").close()  # the one before it: empty
+    (run / "training-state-backup.pt").write_bytes(b"stray")  # not of the naming pattern: never considered
+    resumed = training_loop(tiny_options(run, "--kimg", "100", "--ckpt", "0.032", "--resume", "auto"), quiet=False,
+                            stop_after_steps=2)
+    out = capsys.readouterr().out
+    assert "skipping training-state-00000006.pt" in out and "checksum" in out
+    assert "skipping training-state-00000005.pt" in out and "empty" in out
+    assert "resumed from" in out and "training-state-00000004.pt" in out
+    assert resumed["step"] == 6  # 4 + 2: the same point as the uninterrupted run
+    for p, q in zip(full["net"].state_dict().values(), resumed["net"].state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path):
+    _run(tmp_path, steps=3)
+    newest = snapshots.checkpoints(str(tmp_path))[-1]
+    data = open(newest, "rb").read()
+    open(newest, "wb").write(data[: len(data) // 3])
+    res = training_loop(tiny_options(tmp_path, "--kimg", "100", "--resume", "auto"), quiet=True, stop_after_steps=1)
+    assert res["step"] == 3  # from step 2, plus one
+
+
+def test_stale_temp_files_are_removed_and_stats_read_as_one_run(tmp_path):
+    _run(tmp_path, "--tick", "0.016", steps=4)  # a tick and a checkpoint every step
+    stale = [tmp_path / "training-state-00000009.pt.tmp123", tmp_path / "network-snapshot-000001.pt.sha256.tmp77",
+             tmp_path / "samples-000000-512.png.tmp.png"]
+    for p in stale:
+        p.write_bytes(b"half-written")
+    keep = tmp_path / "notes.tmp1"  # not one of ours
+    keep.write_text("mine")
+    # as if killed after step 4's tick but before a checkpoint at step 5, 6: drop rows 5, 6 on resume
+    with open(tmp_path / "stats.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=5, kimg=0.08, loss=1.0)) + "\n" + json.dumps(dict(step=6)) + "\n")
+    training_loop(tiny_options(tmp_path, "--kimg", "100", "--tick", "0.016", "--resume", "auto"), quiet=True,
+                  stop_after_steps=2)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "stats.jsonl")]
+    assert steps == sorted(set(steps)) == list(range(1, 7)), steps
+
+
+def test_snapshot_is_not_a_training_state_and_names_never_collide(tmp_path):
+    _run(tmp_path, "--snap", "0.016", steps=3)  # 32 images per step: snapshots below 1 kimg
+    names = sorted(p.name for p in tmp_path.glob("network-snapshot-*.pt"))
+    assert names == ["network-snapshot-000000-032.pt", "network-snapshot-000000-064.pt",
+                     "network-snapshot-000000-096.pt"], names
+    assert all((tmp_path / (n + ".sha256")).exists() for n in names)
+    fake = tmp_path / "training-state-00000099.pt"
+    fake.write_bytes((tmp_path / names[0]).read_bytes())
+    (tmp_path / "training-state-00000099.pt.sha256").write_text(
+        (tmp_path / (names[0] + ".sha256")).read_text())
+    with pytest.raises(SystemExit, match="this is a network snapshot, not a training state"):
+        _run(tmp_path, "--resume", str(fake), steps=1)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"just some text\n", "not a readable network snapshot"),
+    ("truncated", "not a readable network snapshot"),
+    ("foreign", "not a network snapshot"),
+    ("mismatch", "does not match its checksum"),
+])
+def test_generate_refuses_bad_network_files(tmp_path, capsys, content, message):
+    _run(tmp_path / "run", "--snap", "0.016", steps=1)
+    snap = next((tmp_path / "run").glob("network-snapshot-*.pt"))
+    bad = tmp_path / "bad.pt"
+    if content == "truncated":
+        bad.write_bytes(snap.read_bytes()[:1000])
+    elif content == "foreign":
+        torch.save({"weights": torch.zeros(3)}, bad)
+    elif content == "mismatch":
+        bad.write_bytes(snap.read_bytes())
+        (tmp_path / "bad.pt.sha256").write_text("0" * 64 + "  bad.pt\n")
+    else:
+        bad.write_bytes(content)
+    rc = generate.main(["--network", str(bad), "--seeds", "0-1", "--grid", str(tmp_path / "g.png"), "--steps", "2"])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
