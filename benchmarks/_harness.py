@@ -99,3 +99,17 @@ def append_results(title: str, header: list[str], rows: list[list[str]], notes: 
                            "each section names its machine (the card for GPU numbers), date and command.\n")
     with path.open("a") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def add_results_arg(ap) -> None:
+    """``--results [FILE]``: append the rows to FILE (bare: benchmarks/RESULTS.md). Without it a
+    benchmark writes nothing into the checkout: tracked files change only when asked to."""
+    ap.add_argument("--results", nargs="?", type=Path, const=RESULTS, default=None, metavar="FILE",
+                    help="append the rows to FILE (no FILE: benchmarks/RESULTS.md); default: print only")
+
+
+def print_table(header: list, rows: list) -> None:
+    """Rows under their column names, aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    for k, r in enumerate([header, ["-" * w for w in widths], *rows]):
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)), flush=True)

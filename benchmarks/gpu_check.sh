@@ -14,7 +14,7 @@
 set -uo pipefail
 top=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 # The device tool returns at most 8 files: everything is written under OUTDIR/all, then packed into
-# OUTDIR/gpu_check.tar.gz beside copies of summary.txt, RESULTS_gpu.md and sampler.png.
+# OUTDIR/gpu_check.tar.gz beside copies of summary.txt, RESULTS_gpu.md and sampler_speed.png.
 out="$top/all"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -70,5 +70,5 @@ sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --batch 64 --speed
 stage sampler 120 "$out/sampler.log" $py benchmarks/sampler_speed.py "${sampler[@]}"
 echo "done" | tee -a "$summary"
 tar -czf "$top/gpu_check.tar.gz" -C "$top" all
-for f in summary.txt RESULTS_gpu.md sampler.png; do [ -f "$out/$f" ] && cp "$out/$f" "$top/"; done
+for f in summary.txt RESULTS_gpu.md sampler/sampler_speed.png; do [ -f "$out/$f" ] && cp "$out/$f" "$top/"; done
 rm -rf "$out"

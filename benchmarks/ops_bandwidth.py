@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import append_results, cache_bytes, copy_bandwidth, machine_name, time_interleaved  # noqa: E402
+from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name,  # noqa: E402
+                      time_interleaved)
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -210,9 +211,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves compile time)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 50 on GPU, 5 on CPU)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--results", type=Path, default=None,
-                    help="append the rows to this file instead of benchmarks/RESULTS.md (gpu_check.sh uses it)")
+    add_results_arg(ap)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -265,15 +264,17 @@ def main(argv=None):
                            f"{100 * nbytes / t / bw:.0f}%", f"{base / t:.2f}x", f"{first:.2f}"]
                     rows.append(row)
                     records.append(dict(zip(header, row)))
+                    if len(rows) == 1:
+                        print(" | ".join(f"{c:>14}" if k else f"{c:<14}" for k, c in enumerate(header)))
                     print(" | ".join(f"{c:>14}" if k else f"{c:<14}" for k, c in enumerate(row)), flush=True)
                 del sets, bufs
     print()
     notes = [f"Machine: {machine}", f"Command: `python benchmarks/ops_bandwidth.py {' '.join(argv or sys.argv[1:])}`",
              f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s; precond fdm_edm; bytes per op: "
              + "; ".join(f"{o.name}: {o.doc}" for o in (OPS[n] for n in args.ops))]
-    if not args.no_results:
+    if args.results:
         append_results("ops_bandwidth", header, rows, notes, path=args.results)
-        print(f"appended {len(rows)} rows to {args.results or 'benchmarks/RESULTS.md'}")
+        print(f"appended {len(rows)} rows to {args.results}")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, copy_bw=bw, rows=records), indent=1))
 

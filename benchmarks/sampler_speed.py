@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import append_results, machine_name, time_interleaved  # noqa: E402
+from _harness import add_results_arg, append_results, machine_name, print_table, time_interleaved  # noqa: E402
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
@@ -212,14 +212,14 @@ def main(argv=None):
                     help="NFE values for the speed part (default: 13 35 on CPU, all on GPU)")
     ap.add_argument("--nfe-samples", type=int, default=2000, help="samples per point of the NFE study")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 CPU, 10 GPU)")
-    ap.add_argument("--out", type=Path, default=Path("sampler_speed"), help="prefix of the .json / .png outputs")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write DIR/sampler_speed.json and DIR/sampler_speed.png (default: print only)")
     ap.add_argument("--network", type=Path, default=None,
                     help="a training snapshot: also measure FID vs NFE per sampler (needs --ref and the weights)")
     ap.add_argument("--ref", type=Path, default=None, help="reference statistics .npz for the FID study")
     ap.add_argument("--inception", default=None, help="Inception-v3 weights for the FID study (see fdm_fast.fid)")
     ap.add_argument("--fid-num", type=int, default=10000, help="images per FID point (default 10000)")
-    ap.add_argument("--no-results", action="store_true")
-    ap.add_argument("--results", type=Path, default=None, help="append rows here instead of benchmarks/RESULTS.md")
+    add_results_arg(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     args.batch = args.batch or [64]
@@ -247,8 +247,7 @@ def main(argv=None):
         if r["kind"] in ("speed", "overhead"):
             table.append([r["kind"], r["network"], str(r["batch"]), str(r["nfe"]), r["variant"],
                           f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}"])
-    for t in table:
-        print(" | ".join(t))
+    print_table(header, table)
     for kind in ("overhead", "speed"):
         by = {(r["batch"], r["nfe"], r["variant"]): r["seconds"] for r in rows if r["kind"] == kind}
         for (b, n, v), s in sorted(by.items()):
@@ -258,19 +257,19 @@ def main(argv=None):
     ntable = [[r["sampler"], str(r["nfe"]), f"{r['rms_to_reference']:.2e}", f"{r['mean_err']:.3f}",
                f"{r['cov_err']:.3f}"] for r in rows if r["kind"] == "nfe"]
     print("\nanalytic Gaussian mixture (6 components, 3x4x4):")
-    for t in ntable:
-        print(" | ".join(t))
+    print_table(nheader, ntable)
     ftable = [[r["sampler"], str(r["nfe"]), f"{r['fid']:.2f}", str(r["images"])] for r in rows if r["kind"] == "fid"]
     if ftable:
         print(f"\nFID vs NFE ({args.network}):")
-        for t in ftable:
-            print(" | ".join(t))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(str(args.out) + ".json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
-    png = plot(rows, str(args.out) + ".png")
-    if png:
-        print(f"plot: {png}")
-    if not args.no_results:
+        print_table(["sampler", "NFE", "FID", "images"], ftable)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sampler_speed.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
+        print(f"json: {args.out / 'sampler_speed.json'}")
+        png = plot(rows, str(args.out / "sampler_speed.png"))
+        if png:
+            print(f"plot: {png}")
+    if args.results:
         cmd = f"`python benchmarks/sampler_speed.py {' '.join(argv or sys.argv[1:])}`"
         append_results("sampler_speed: speed", header, table, [f"Machine: {machine}", f"Command: {cmd}",
                                                                 "official = EDM's float64 op-by-op sampler; fused = "

@@ -9,8 +9,8 @@ Steps alternate between the two (interleaved, so a slow phase of a shared machin
 first steps (compilation, allocation) are reported apart. Defaults: on a GPU 64x64 DDPM++ (channel
 mults 1,2,2,2) at batch 64; on a CPU the small digits network (16x16x1) at batch 64.
 
-    python benchmarks/train_throughput.py                 # table; rows appended to RESULTS.md
-    python benchmarks/train_throughput.py --steps 20 --no-results
+    python benchmarks/train_throughput.py                 # prints the table; writes nothing
+    python benchmarks/train_throughput.py --results       # also appends the rows to benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import append_results, machine_name, time_interleaved  # noqa: E402
+from _harness import add_results_arg, append_results, machine_name, print_table, time_interleaved  # noqa: E402
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.loss import fdm_clamp, training_loss  # noqa: E402
@@ -51,8 +51,7 @@ def main(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile fdm_fast's network (default: on; its compile time is reported apart)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--results", type=Path, default=None, help="append rows here instead of benchmarks/RESULTS.md")
-    ap.add_argument("--no-results", action="store_true")
+    add_results_arg(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -124,14 +123,14 @@ def main(argv=None):
     print(machine)
     print(f"fdm_fast: fused ops ({ops.select_backend(device)}), bf16 autocast, compile={compile_net}, "
           f"channels_last={cuda}, fused Adam={cuda}")
-    for r in rows:
-        print(" | ".join(f"{c:>14}" for c in r))
+    print_table(header, rows)
     notes = [f"Machine: {machine}", f"Command: `python benchmarks/train_throughput.py {' '.join(argv or sys.argv[1:])}`",
              f"official: eager fp32, op-by-op loss, TF32 off, for-loop Adam; fdm_fast: fused ops "
              f"({ops.select_backend(device)}), bf16 autocast, compile={compile_net}, channels_last={cuda}, "
              f"fused Adam={cuda}; {steps} interleaved timed steps each after {args.warmup} warm-up"]
-    if not args.no_results:
+    if args.results:
         append_results("train_throughput", header, rows, notes, path=args.results)
+        print(f"appended {len(rows)} rows to {args.results}")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, rows=[dict(zip(header, r)) for r in rows]), indent=1))
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_TRITON
-from fdm_fast import ops
+from conftest import HAS_TRITON, requires_cpu_ext, requires_triton
+from fdm_fast import ops, schedules
 
 P = "fdm_edm"
 y = torch.randn(2, 3, 8, 8)
@@ -114,3 +114,46 @@ def test_unavailable_backend_is_an_error_never_a_fallback(monkeypatch):
         with raises(ValueError, r"backend='triton' is not available for cpu tensors: .*TRITON_INTERPRET"):
             ops.perturb(y, 1.0, P, backend="triton")
         assert "triton" not in ops.available_backends("cpu")
+
+
+ALL = ["torch", pytest.param("triton", marks=requires_triton), pytest.param("cpu", marks=requires_cpu_ext)]
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_perturb_gradient_with_respect_to_y_on_every_backend(backend):
+    """d net_in / dy = c_in(sigma), d x / dy = 1: the same gradient from every backend (the fused ones
+    used to return requires_grad outputs whose gradient never arrived)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 3, 8, 8, generator=g).requires_grad_(True)
+    s = torch.tensor([0.3, 2.0, 40.0])
+    w1, w2 = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    net_in, x = ops.perturb(y, s, "fdm_edm", seed=4, return_x=True, backend=backend)
+    (gy,) = torch.autograd.grad((net_in * w1).sum() + (x * w2).sum(), y)
+    c_in = schedules.get_precond(P).c_in(s).reshape(-1, 1, 1, 1)
+    want = w1 * c_in + w2
+    torch.testing.assert_close(gy, want, rtol=1e-6, atol=1e-6)
+    (gy2,) = torch.autograd.grad((ops.perturb(y, s, "fdm_edm", seed=4, backend=backend) * w1).sum(), y)
+    torch.testing.assert_close(gy2, w1 * c_in, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_step_ops_refuse_inputs_that_require_grad_on_every_backend(backend):
+    x = torch.randn(2, 3, 8, 8)
+    F = torch.randn(2, 3, 8, 8).requires_grad_(True)
+    with pytest.raises(ValueError, match="euler_step: F requires grad"):
+        ops.euler_step(x, F, 1.0, 0.5, P, backend=backend)
+    with pytest.raises(ValueError, match="heun_step: F requires grad"):
+        ops.heun_step(x, x, F, 1.0, 0.5, P, backend=backend)
+    with pytest.raises(ValueError, match="churn: x requires grad"):
+        ops.churn(x.clone().requires_grad_(True), 1.0, 1.2, P, backend=backend)
+    with torch.no_grad():
+        ops.euler_step(x, F, 1.0, 0.5, P, backend=backend)  # fine without grad mode
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_negative_seeds_and_offsets_refused_as_ints_and_as_tensors(backend):
+    y = torch.randn(2, 3, 4, 4)
+    for kw in (dict(seed=-1), dict(seed=torch.tensor([3, -1])), dict(offset=-5),
+               dict(seed=torch.tensor([1, 2]), offset=torch.tensor([0, -5])), dict(offset=torch.tensor([2**62]))):
+        with pytest.raises(ValueError, match="seed|offset"):
+            ops.perturb(y, 1.0, "edm", backend=backend, **kw)

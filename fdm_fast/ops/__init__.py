@@ -72,11 +72,39 @@ def perturb(y: torch.Tensor, sigma, precond, *, seed=0, offset=0, noise: Optiona
     od = V.out_dtype("out_dtype", out_dtype if out_dtype is not None else y.dtype, be)
     if be == "torch":
         net_in, x = reference.perturb(y, s, p, rng, noise, od, return_x)
-    elif be == "triton":
-        net_in, x = triton_module("perturb").perturb(y, s, rng, noise, *_spec(p), od, return_x)
     else:
-        net_in, x = _ext_call(be, "perturb", y, s, rng, noise, *_spec(p), od, return_x)
+        def run(y_):
+            if be == "triton":
+                return triton_module("perturb").perturb(y_, s, rng, noise, *_spec(p), od, return_x)
+            return _ext_call(be, "perturb", y_, s, rng, noise, *_spec(p), od, return_x)
+
+        if torch.is_grad_enabled() and y.requires_grad:  # the same gradient as the torch backend
+            net_in, x = _PerturbGrad.apply(y, p.c_in(s), run, return_x)
+        else:
+            net_in, x = run(y)
     return (net_in, x) if return_x else net_in
+
+
+class _PerturbGrad(torch.autograd.Function):
+    """perturb's gradient with respect to y for the fused backends: d net_in / dy = c_in(sigma),
+    d x / dy = 1 (sigma, the noise and the coefficients take no gradient)."""
+
+    @staticmethod
+    def forward(ctx, y, c_in, run, return_x):
+        ctx.save_for_backward(c_in)
+        ctx.y_dtype, ctx.return_x = y.dtype, return_x
+        net_in, x = run(y.detach())
+        if not return_x:
+            ctx.mark_non_differentiable(x)
+        return net_in, x
+
+    @staticmethod
+    def backward(ctx, g_net, g_x):
+        (c_in,) = ctx.saved_tensors
+        g = g_net.float() * c_in.float().reshape(-1, *([1] * (g_net.dim() - 1)))
+        if ctx.return_x and g_x is not None:
+            g = g + g_x
+        return g.to(ctx.y_dtype), None, None, None
 
 
 def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, offset=0,
@@ -127,6 +155,15 @@ def _state(name, t, be, like=None, like_name=""):
     return V.tensor(name, t, dtypes=V.state_dtypes(be), like=like, like_name=like_name)
 
 
+def _no_grad_inputs(op, **tensors):
+    """The sampler step ops are not differentiable, on any backend: say so instead of a silent None."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(f"{op}: {name} requires grad, but the sampler step ops are not differentiable "
+                                 "(run sampling under torch.no_grad(), or detach the inputs)")
+
+
 def _t_dtype(be, *ts):
     return torch.float64 if be == "torch" and any(t.dtype == torch.float64 for t in ts) else torch.float32
 
@@ -141,6 +178,7 @@ def churn(x: torch.Tensor, t_cur, t_hat, precond, *, seed=0, offset=0, noise: Op
     """
     p = V.precond(precond)
     V.tensor("x", x)
+    _no_grad_inputs("churn", x=x, t_cur=t_cur, t_hat=t_hat, noise=noise)
     be = select(x.device, backend)
     _state("x", x, be)
     if noise is not None:
@@ -181,6 +219,7 @@ def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur, t_next, precond, *,
     """
     p = V.precond(precond)
     V.tensor("x", x)
+    _no_grad_inputs("euler_step", x=x, F=F, t_cur=t_cur, t_next=t_next)
     be = select(x.device, backend)
     _state("x", x, be)
     V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
@@ -209,6 +248,7 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, 
     """
     p = V.precond(precond)
     V.tensor("x", x)
+    _no_grad_inputs("heun_step", x=x, d=d, F=F, t_cur=t_cur, t_next=t_next, t_hat_next=t_hat_next, noise=noise)
     be = select(x.device, backend)
     _state("x", x, be)
     _state("d", d, be, like=x, like_name="x")

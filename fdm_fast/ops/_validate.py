@@ -145,6 +145,12 @@ def rng(seed, offset, B: int, device: torch.device) -> torch.Tensor:
         r = torch.full((1, 2), seed, dtype=torch.int64, device=device)
         r[:, 1] = offset
         return r
+    for name, v, hi in (("seed", seed, "2^63"), ("offset", offset, "2^62")):
+        if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.numel() and _checking(v):
+            lim = 2**62 if name == "offset" else None
+            bad = (v < 0) if lim is None else ((v < 0) | (v >= lim))
+            if bool(bad.any()):  # the same rule as for ints (checked when value checks are on)
+                raise ValueError(f"{name}: expected values in [0, {hi}), got {int(v.reshape(-1)[bad.reshape(-1)][0])}")
     if isinstance(seed, torch.Tensor):
         if seed.dtype not in (torch.int64, torch.int32) or seed.numel() not in (1, B) or seed.dim() > 1:
             raise ValueError(f"seed: expected an integer tensor of shape [{B}] (one seed per sample) or [1], "

@@ -1,0 +1,41 @@
+"""The benchmark scripts, run as a user would with tiny settings: they print tables with headers and
+leave the checkout exactly as it was unless asked to write (--results, --json, --out)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = {
+    "ops_bandwidth.py": ["--sizes", "b64", "--dtypes", "fp32", "--ops", "perturb", "--no-compile", "--reps", "2"],
+    "train_throughput.py": ["--steps", "1", "--warmup", "1", "--no-compile"],
+    "sampler_speed.py": ["--speed-nfe", "3", "--nfe", "5", "--nfe-samples", "20", "--reps", "1"],
+}
+HEADERS = {"ops_bandwidth.py": "% copy BW", "train_throughput.py": "median step ms", "sampler_speed.py": "ms/NFE"}
+
+
+def _status():
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                       text=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_prints_headers_and_writes_nothing_by_default(script, tmp_path):
+    before = _status()
+    if before is None:
+        pytest.skip("not a git checkout: cannot tell whether the tree changed")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *RUNS[script]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert HEADERS[script] in r.stdout, r.stdout[-2000:]
+    assert _status() == before, f"{script} changed the checkout:\n{_status()}"
+    # asked to write, it writes where it was told
+    out = tmp_path / "rows.md"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *RUNS[script], "--results", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and out.read_text().count("| ") > 3, r.stderr[-2000:]
+    assert _status() == before
