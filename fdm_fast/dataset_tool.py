@@ -20,6 +20,7 @@ import os
 import pickle
 import sys
 import tarfile
+import shutil
 import zipfile
 from typing import Iterator, Optional
 
@@ -82,20 +83,31 @@ def iterate_source(source: str, max_images: Optional[int]) -> Iterator[tuple[str
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             files = sorted(f for f in zf.namelist() if f.lower().endswith(IMAGE_EXT))
-            labels = _labels_bytes(zf.read("dataset.json")) if "dataset.json" in zf.namelist() else {}
+            labels = _labels_bytes(_zip_read(zf, "dataset.json", source), f"{source}/dataset.json") \
+                if "dataset.json" in zf.namelist() else {}
             for f in files[:max_images]:
-                yield f, _open_image(zf.read(f), f"{source}/{f}"), labels.get(f)
+                yield f, _open_image(_zip_read(zf, f, source), f"{source}/{f}"), labels.get(f)
     else:
         raise DatasetError(f"--source {source}: expected a folder, a zip of images or cifar-10-python.tar.gz")
 
 
-def _labels_bytes(data: bytes) -> dict:
-    return dict(json.loads(data).get("labels") or [])
+def _zip_read(zf, name: str, source: str) -> bytes:
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # bad CRC, truncated member
+        raise DatasetError(f"{source}/{name}: the zip member is damaged ({e})") from None
+
+
+def _labels_bytes(data: bytes, where: str = "dataset.json") -> dict:
+    try:
+        return dict(json.loads(data).get("labels") or [])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DatasetError(f"{where}: not a valid dataset.json ({{\"labels\": [[file, label], ...]}}): {e}") from None
 
 
 def _labels(path: str) -> dict:
     with open(path, "rb") as f:
-        return _labels_bytes(f.read())
+        return _labels_bytes(f.read(), path)
 
 
 def center_crop_resize(im, resolution: int):
@@ -115,6 +127,18 @@ def convert(source: str, dest: str, resolution: Optional[int] = None, max_images
         raise DatasetError(f"--dest {dest}: already exists; remove it or choose another path")
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = dest + ".partial"
+    try:
+        return _convert(source, dest, tmp, is_zip, resolution, max_images, progress)
+    except BaseException:
+        # nothing half-written stays behind, whatever failed (a bad file, a full disk, Ctrl-C)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _convert(source, dest, tmp, is_zip, resolution, max_images, progress):
     zf = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) if is_zip else None
     if not is_zip:
         os.makedirs(tmp, exist_ok=True)
@@ -170,6 +194,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.resolution is not None and args.resolution < 1:
         print(f"error: --resolution: expected a positive size, got {args.resolution}", file=sys.stderr)
+        return 2
+    if args.max_images is not None and args.max_images < 1:
+        print(f"error: --max-images: expected a positive count, got {args.max_images}", file=sys.stderr)
         return 2
     try:
         s = convert(args.source, args.dest, args.resolution, args.max_images)

@@ -128,7 +128,14 @@ def main(argv=None) -> int:
         p.add_argument("--batch", type=int, default=100)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for flag in ("batch", "num", "steps"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            print(f"error: --{flag}: expected a positive integer, got {v}", file=sys.stderr)
+            return 2
     try:
+        if args.cmd == "calc" and args.network and not os.path.isfile(args.network):
+            raise FIDError(f"--network {args.network}: no such file")
         if args.cmd == "calc" and not os.path.isfile(args.ref):
             raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
         extractor = load_inception(args.inception, device)
@@ -149,8 +156,9 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:  # dataset errors and the like: one line, no traceback
         from .data import DatasetError
+        from .snapshots import SnapshotError
 
-        if isinstance(e, DatasetError):
+        if isinstance(e, (DatasetError, SnapshotError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

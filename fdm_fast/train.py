@@ -118,14 +118,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
     g.add_argument("--duration", type=float, default=None, help="training length in millions of images "
                                                                  "(recipe default: 200 for cifar10/ffhq/afhqv2)")
-    a("--batch", type=int, default=None, help="total batch size over all GPUs (recipe default)")
+    a("--batch", type=int, default=None, help="total batch size over all GPUs (recipe default: 512 cifar10, "
+                                              "256 ffhq/afhqv2, 64 digits)")
     a("--batch-gpu", type=int, default=None, help="per-GPU batch per round; smaller than batch/GPUs means "
                                                   "gradient accumulation (default: no accumulation)")
-    a("--lr", type=float, default=None, help="Adam learning rate (recipe default)")
-    a("--lr-rampup", type=float, default=None, help="learning-rate ramp-up in Mimg (recipe default: 10)")
-    a("--ema", type=float, default=None, help="EMA half-life in Mimg (recipe default: 0.5)")
+    a("--lr", type=float, default=None, help="Adam learning rate (recipe default: 1e-3 cifar10, 2e-4 "
+                                             "ffhq/afhqv2, 2e-3 digits)")
+    a("--lr-rampup", type=float, default=None, help="learning-rate ramp-up in Mimg (recipe default: 10; digits 0.001)")
+    a("--ema", type=float, default=None, help="EMA half-life in Mimg (recipe default: 0.5; digits 0.01)")
     a("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio: half-life <= ratio x images seen (default 0.05)")
-    a("--dropout", type=float, default=None, help="dropout probability (recipe default)")
+    a("--dropout", type=float, default=None, help="dropout probability (recipe default: 0.13 cifar10, 0.05 ffhq, "
+                                                  "0.25 afhqv2, 0 digits)")
     a("--augment", type=float, default=None, help="non-leaky augmentation probability p, EDM's pipeline "
                                                   "(recipe default: 0.12 cifar10, 0.15 ffhq/afhqv2, 0 digits)")
     a("--xflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips of the data")
@@ -163,9 +166,10 @@ def resolve(args: argparse.Namespace) -> Options:
         kimg = args.kimg
     else:
         kimg = (args.duration if args.duration is not None else r["duration"]) * 1000
-    if kimg <= 0:
-        raise SystemExit(f"error: --kimg/--duration: expected a positive length, got {kimg / 1000:g} Mimg")
-    batch = args.batch or r["batch"]
+    if not kimg > 0:
+        flag, v = ("--kimg", args.kimg) if args.kimg is not None else ("--duration", args.duration)
+        raise SystemExit(f"error: {flag}: expected a positive training length, got {v}")
+    batch = args.batch if args.batch is not None else r["batch"]
     warm = args.warmup_ite
     if warm is None and args.precond.startswith("fdm_"):
         warm = r["warmup_edm"] if args.precond == "fdm_edm" else 400
@@ -180,6 +184,29 @@ def resolve(args: argparse.Namespace) -> Options:
         raise SystemExit(f"error: --augment: expected a probability in [0, 1], got {args.augment}")
     if args.fdm_multiplier is not None and not args.precond.startswith("fdm_"):
         raise SystemExit(f"error: --fdm-multiplier applies to the fdm_* preconditionings, got --precond {args.precond}")
+    for flag, v, ok, what in (
+            ("--lr", args.lr, lambda v: v > 0, "a positive learning rate"),
+            ("--lr-rampup", args.lr_rampup, lambda v: v >= 0, "a length >= 0 in Mimg"),
+            ("--ema", args.ema, lambda v: v >= 0, "a half-life >= 0 in Mimg"),
+            ("--ema-rampup", args.ema_rampup, lambda v: v >= 0, "a ratio >= 0"),
+            ("--dropout", args.dropout, lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+            ("--warmup-ite", args.warmup_ite, lambda v: v >= 0, "a number of steps >= 0"),
+            ("--fdm-multiplier", args.fdm_multiplier, lambda v: v > 0, "a positive number"),
+            ("--seed", args.seed, lambda v: v >= 0, "an integer >= 0"),
+            ("--tick", args.tick, lambda v: v > 0, "a positive number of kimg"),
+            ("--snap", args.snap, lambda v: v > 0, "a positive number of kimg"),
+            ("--ckpt", args.ckpt, lambda v: v > 0, "a positive number of kimg"),
+            ("--keep", args.keep, lambda v: v >= 1, "at least 1 checkpoint"),
+            ("--grid", args.grid, lambda v: v >= 1, "at least 1 image"),
+            ("--grid-steps", args.grid_steps, lambda v: v >= 1, "at least 1 step")):
+        if v is not None and not (v == v and ok(v)):  # v == v: NaN fails
+            raise SystemExit(f"error: {flag}: expected {what}, got {v}")
+    mult = r["channel_mult"] or (1, 2, 2, 2)  # song_unet's default
+    if args.resolution is not None:
+        q = 2 ** (len(mult) - 1)  # the UNet halves the resolution len(channel_mult) - 1 times
+        if args.resolution < q or args.resolution % q:
+            raise SystemExit(f"error: --resolution: expected a multiple of {q} (the network downsamples "
+                             f"{len(mult) - 1} times), got {args.resolution}")
     snap = args.snap or max(kimg / 10, batch / 1000)
     return Options(
         ds=args.ds, data=args.data, outdir=args.outdir or os.path.join("runs", f"{name if name != 'custom' else 'custom'}"
@@ -540,13 +567,34 @@ class _null:
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # argparse's own errors exit with status 2
+    try:
+        return _main(args)
+    except SystemExit as e:  # our errors: the message on stderr, status 2, no traceback
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+
+
+def _main(args) -> int:
     o = resolve(args)
     rank, world, device = init_distributed()
+    try:
+        ops.select_backend(device, o.backend)  # an unknown or unavailable backend: say so before any work
+    except ValueError as e:
+        raise SystemExit(f"error: --backend {o.backend}: {e}") from None
     if rank == 0:
         print(json.dumps(dataclasses.asdict(o), indent=2, default=str))
     if args.dry_run:
         return 0
+    if rank == 0:
+        try:
+            os.makedirs(o.outdir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: --outdir {o.outdir}: cannot create it ({e.strerror})") from None
+        if not os.access(o.outdir, os.W_OK):
+            raise SystemExit(f"error: --outdir {o.outdir}: not writable")
     try:
         training_loop(o, rank=rank, world=world, device=device)
     except (DatasetError, SnapshotError) as e:

@@ -27,13 +27,13 @@ def open_dataset(ds: str, data: Optional[str] = None, *, use_labels: bool = Fals
                  resolution: Optional[int] = None) -> ImageDataset:
     """The dataset ``--ds`` names (cifar10, ffhq, afhqv2, digits, or a path), at ``--data`` if given."""
     if ds == "digits" and data is None:
-        return DigitsDataset(resolution=resolution or 16, use_labels=use_labels)
+        return DigitsDataset(resolution=16 if resolution is None else resolution, use_labels=use_labels)
     path = data or DEFAULT_PATHS.get(ds, ds)
     if not os.path.exists(path):
         if ds in PREPARE and data is None:
             raise DatasetError(f"--ds {ds}: {path} not found. Download its source by hand, then prepare it with "
                                f"the dataset tool:\n  {PREPARE[ds]}\nor pass --data PATH to a prepared zip or folder.")
-        raise DatasetError(f"--data {path}: no such file or folder")
+        raise DatasetError(f"{'--data' if data else '--ds'} {path}: no such file or folder")
     dataset = ImageFolderDataset(path, use_labels=use_labels)
     if resolution is not None and dataset.resolution != resolution:
         raise DatasetError(f"{path}: images are {dataset.resolution}x{dataset.resolution}, the run expects "

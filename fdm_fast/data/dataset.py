@@ -85,7 +85,12 @@ class ImageFolderDataset(ImageDataset):
         elif os.path.isfile(path) and zipfile.is_zipfile(path):
             zf = zipfile.ZipFile(path)
             files = sorted(zf.namelist())
-            read = zf.read
+
+            def read(f):
+                try:
+                    return zf.read(f)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:  # bad CRC, truncated member
+                    raise DatasetError(f"{path}/{f}: the zip member is damaged ({e})") from None
         else:
             raise DatasetError(f"{path}: not a folder or a zip file of images")
         images = [f for f in files if f.lower().endswith(IMAGE_EXT)]
@@ -103,8 +108,11 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"{path}: images must be square, got {self._images.shape[2:]}")
         self._labels = None
         if use_labels and "dataset.json" in files:
-            meta = json.loads(read("dataset.json"))
-            labels = dict(meta.get("labels") or [])
+            try:
+                labels = dict(json.loads(read("dataset.json")).get("labels") or [])
+            except (ValueError, TypeError, AttributeError) as e:
+                raise DatasetError(f"{path}/dataset.json: not a valid dataset.json "
+                                   f"({{\"labels\": [[file, label], ...]}}): {e}") from None
             if labels:
                 missing = [f for f in images if f not in labels]
                 if missing:

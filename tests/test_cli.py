@@ -1,0 +1,154 @@
+"""Every command-line tool against bad input: one row per case with the exit status and a fragment of
+the message, checked before any work is done (no traceback, nothing half-written left behind)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fdm_fast import dataset_tool, fid, generate, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--ds", "digits", "--resolution", "8", "--batch", "16", "--precision", "fp32", "--no-compile", "--kimg", "0.032"]
+
+
+def _png(arr):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").save(buf, format="png")
+    return buf.getvalue()
+
+
+def _zip(path, *, bad_crc=False, labels=None):
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for i in range(4):
+            zf.writestr(f"img{i}.png", _png(np.full((8, 8), 40 * i, dtype=np.uint8)))
+        if labels is not None:
+            zf.writestr("dataset.json", labels)
+    if bad_crc:  # flip one byte inside the first stored member's data
+        data = bytearray(Path(path).read_bytes())
+        data[60] ^= 0xFF
+        Path(path).write_bytes(bytes(data))
+    return str(path)
+
+
+def _run(tool, argv, capsys):
+    """(exit status, stderr) of a tool's main(argv), in-process."""
+    try:
+        rc = tool.main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+TRAIN_ROWS = [
+    (["--lr", "-1"], "--lr: expected a positive learning rate"),
+    (["--lr", "nan"], "--lr: expected a positive learning rate"),
+    (["--resolution", "3"], "--resolution: expected a multiple of 4"),
+    (["--resolution", "0"], "--resolution: expected a multiple of 4"),
+    (["--keep", "0"], "--keep: expected at least 1"),
+    (["--grid", "0"], "--grid: expected at least 1 image"),
+    (["--grid-steps", "0"], "--grid-steps: expected at least 1 step"),
+    (["--dropout", "1.5"], "--dropout: expected a probability in [0, 1)"),
+    (["--batch", "0"], "--batch: expected a positive integer"),
+    (["--kimg", "-1"], "--kimg: expected a positive training length, got -1.0"),
+    (["--snap", "0"], "--snap: expected a positive number of kimg"),
+    (["--backend", "bogus"], "expected one of torch, triton, cuda, cpu"),
+    (["--backend", "cuda"], "not available"),
+    (["--precond", "fdm_edm", "--precision", "fp16"], "--precision fp16 with an FDM preconditioning"),
+    (["--fdm-multiplier", "2", "--precond", "edm"], "--fdm-multiplier applies to the fdm_* preconditionings"),
+]
+
+
+@pytest.mark.parametrize("extra, message", TRAIN_ROWS, ids=[" ".join(r[0]) for r in TRAIN_ROWS])
+def test_train_bad_options(tmp_path, capsys, extra, message):
+    rc, err = _run(train, [*TINY, "--outdir", str(tmp_path / "run"), *extra], capsys)
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "run" / "stats.jsonl").exists()  # refused before any work
+
+
+def test_train_bad_data(tmp_path, capsys):
+    rows = [
+        (["--ds", str(tmp_path / "nonexistent.zip")], "--ds " + str(tmp_path / "nonexistent.zip") + ": no such file"),
+        (["--ds", "custom", "--data", str(tmp_path / "none.zip")], "--data " + str(tmp_path / "none.zip")),
+        (["--ds", _zip(tmp_path / "crc.zip", bad_crc=True)], "the zip member is damaged"),
+        (["--ds", _zip(tmp_path / "lab.zip", labels="{not json"), "--cond"], "not a valid dataset.json"),
+        (["--resume", str(tmp_path / "missing.pt")], "no such file"),
+        (["--outdir", "/proc/fdm_fast_cannot_write_here"], "--outdir /proc/fdm_fast_cannot_write_here"),
+    ]
+    for extra, message in rows:
+        argv = [a for a in TINY if a not in ("--ds", "digits", "--resolution", "8")] if extra[0] == "--ds" else TINY
+        argv = [*argv, "--outdir", str(tmp_path / "run"), *extra]
+        rc, err = _run(train, argv, capsys)
+        assert rc == 2 and message in err, (extra, err)
+
+
+def test_train_help_shows_the_digits_defaults():
+    r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--help"], capture_output=True, text=True, cwd=ROOT)
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert r.returncode == 0 and "digits 0.001" in text and "digits 0.01)" in text, text
+
+
+def test_generate_bad_options(tmp_path, capsys):
+    snap = tmp_path / "snap.pt"
+    snap.write_bytes(b"x")
+    rows = [
+        (["--batch", "0"], "--batch: expected a positive integer"),
+        (["--steps", "0"], "--steps: expected a positive integer"),
+        (["--grid", str(tmp_path / "missing" / "g.png")], "does not exist or is not writable"),
+        (["--network", str(tmp_path / "none.pt")], "no such file"),
+        (["--seeds", "5-1"], "error"),
+        (["--sampler", "bogus"], "invalid choice"),
+    ]
+    for extra, message in rows:
+        argv = ["--network", str(snap), "--grid", str(tmp_path / "g.png"), *extra]
+        rc, err = _run(generate, argv, capsys)
+        assert rc == 2 and message in err, (extra, err)
+
+
+def test_fid_bad_options(tmp_path, capsys):
+    rows = [
+        (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "none.npz")], "no such file"),
+        (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
+        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
+        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz")], "error"),  # no weights here
+    ]
+    for argv, message in rows:
+        rc, err = _run(fid, argv, capsys)
+        assert rc == 2 and message in err, (argv, err)
+
+
+def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
+    bad = _zip(tmp_path / "crc.zip", bad_crc=True)
+    rows = [
+        (["--source", bad, "--dest", str(tmp_path / "out.zip")], "the zip member is damaged"),
+        (["--source", _zip(tmp_path / "lab.zip", labels="[1, 2"), "--dest", str(tmp_path / "out2.zip")],
+         "not a valid dataset.json"),
+        (["--source", str(tmp_path / "none"), "--dest", str(tmp_path / "out3.zip")], "--source"),
+        (["--source", bad, "--dest", str(tmp_path / "out4.zip"), "--resolution", "0"], "--resolution"),
+        (["--source", bad, "--dest", str(tmp_path / "out5"), "--max-images", "0"], "--max-images"),
+    ]
+    for argv, message in rows:
+        rc, err = _run(dataset_tool, argv, capsys)
+        assert rc == 2 and message in err, (argv, err)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in left if n.startswith("out")], left  # no .zip.partial, no half folder
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sync_check.py", ["--steps", "0"], "expected positive integers"),
+    ("ops_bandwidth.py", ["--sizes", "bogus"], "invalid choice"),
+    ("train_throughput.py", ["--preset", "bogus"], "invalid choice"),
+    ("sampler_speed.py", ["--preset", "bogus"], "invalid choice"),
+])
+def test_benchmark_scripts_bad_options(script, argv, message):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
