@@ -23,7 +23,8 @@ import torch
 
 STATE_RE = re.compile(r"^training-state-(\d{8})\.pt$")
 TMP_RE = re.compile(r"^(training-state-\d+\.pt|network-snapshot-[\d-]+\.pt)(\.sha256)?\.tmp\d+$|"
-                    r"^samples-[\d-]+\.png\.tmp\.png$")
+                    r"^samples-[\d-]+\.png\.tmp\.png$|^stats\.jsonl\.tmp\d+$")
+SIDECAR_RE = re.compile(r"^(training-state-\d+\.pt|network-snapshot-[\d-]+\.pt)\.sha256$")
 
 
 class SnapshotError(Exception):
@@ -131,11 +132,14 @@ def newest_valid_checkpoint(outdir: str, log=print) -> Optional[tuple]:
 
 
 def remove_stale_temp_files(outdir: str) -> list:
-    """Delete temp files a killed writer left in ``outdir`` (ours only, by exact name pattern)."""
+    """Delete what a killed writer left in ``outdir``: temp files, and checksums whose file never
+    arrived (or was pruned); ours only, by exact name pattern."""
     gone = []
     if os.path.isdir(outdir):
-        for name in os.listdir(outdir):
-            if TMP_RE.match(name):
+        names = set(os.listdir(outdir))
+        for name in sorted(names):
+            m = SIDECAR_RE.match(name)
+            if TMP_RE.match(name) or (m and m.group(1) not in names):  # a temp file, or a checksum without its file
                 os.remove(os.path.join(outdir, name))
                 gone.append(name)
     return gone
