@@ -152,10 +152,40 @@ def snapshot_name(cur_nimg: int, prefix: str = "network-snapshot", ext: str = "p
 
 
 def load_snapshot(path: str, device="cpu"):
-    """The EMA network of a snapshot, built from its config (verified; weights_only=True)."""
+    """The EMA network of a snapshot, built from its config. Reads fdm_fast snapshots (``.pt``: verified,
+    weights_only=True), official EDM/FDM snapshots (``.pkl``: fdm_fast.official, no code from the file
+    runs) and ``.safetensors`` weights with their config (``config.json`` beside them, or the file's
+    metadata), as ``python -m fdm_fast.convert`` writes them."""
     from .nn import build_denoiser
 
-    data = load(path, kind="network snapshot")
+    path = str(path)
+    if path.endswith(".pkl"):
+        from .official import OfficialFormatError, load_official_denoiser
+
+        if not os.path.isfile(path):
+            raise SnapshotError(f"{path}: no such file")
+        try:
+            return load_official_denoiser(path, device)
+        except OfficialFormatError as e:
+            raise SnapshotError(str(e)) from None
+    if path.endswith(".safetensors"):
+        from .official import OfficialFormatError, load_safetensors
+
+        verify(path)
+        try:
+            tensors, meta = load_safetensors(path)
+        except OfficialFormatError as e:
+            raise SnapshotError(str(e)) from None
+        side = os.path.join(os.path.dirname(path), "config.json")
+        if "fdm_fast_config" in meta:
+            config = json.loads(meta["fdm_fast_config"])
+        elif os.path.isfile(side):
+            config = json.load(open(side))
+        else:
+            raise SnapshotError(f"{path}: no config (neither fdm_fast_config metadata nor config.json beside it)")
+        data = dict(ema=tensors, config=config)
+    else:
+        data = load(path, kind="network snapshot")
     if "ema" not in data or "config" not in data:
         raise SnapshotError(f"{path}: this is {what_is(data)}, not a network snapshot (network-snapshot-*.pt, "
                             "or a training state)")

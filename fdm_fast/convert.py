@@ -1,0 +1,59 @@
+"""Convert an official EDM / FDM snapshot (``network-snapshot-*.pkl``) for fdm_fast, running none of
+its code (fdm_fast.official reads it with a restricted unpickler):
+
+    python -m fdm_fast.convert network-snapshot-200000.pkl converted/
+
+writes into the folder ``network-snapshot.pt`` (an fdm_fast snapshot: EMA weights + config, with its
+SHA-256 beside it), ``model.safetensors`` (the weights, the format the hub ecosystem reads) and
+``config.json`` (the fdm_fast config). ``python -m fdm_fast.generate --network`` takes any of the
+three, or the ``.pkl`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .official import OfficialFormatError, load_official, save_safetensors, to_fdm_fast
+from .snapshots import atomic_save
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fdm_fast.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="an official network-snapshot-*.pkl (EDM or FDM)")
+    ap.add_argument("outdir", help="folder for network-snapshot.pt, model.safetensors and config.json")
+    args = ap.parse_args(argv)
+    if not os.path.isfile(args.source):
+        print(f"error: {args.source}: no such file", file=sys.stderr)
+        return 2
+    try:
+        config, state = to_fdm_fast(load_official(args.source))
+        from .nn import build_denoiser
+
+        net = build_denoiser(config)
+        net.load_state_dict(state)  # strict: every official tensor has its place
+    except (OfficialFormatError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.outdir, exist_ok=True)
+    except OSError as e:
+        print(f"error: {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
+        return 2
+    ema = net.state_dict()
+    atomic_save(dict(config=config, ema=ema, step=0, cur_nimg=0), os.path.join(args.outdir, "network-snapshot.pt"))
+    save_safetensors(ema, os.path.join(args.outdir, "model.safetensors"),
+                     metadata=dict(fdm_fast_config=json.dumps(config), source=os.path.basename(args.source)))
+    with open(os.path.join(args.outdir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    print(f"{args.source}: {config['source']['precond_class']} ({config['precond']}, "
+          f"{config['precond_options']}) with a {config['arch']} SongUNet -> {args.outdir}/"
+          "{network-snapshot.pt, model.safetensors, config.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
