@@ -1,6 +1,6 @@
 """fdm_fast: a high-performance engine for the Fast Diffusion Model (FDM, arXiv 2306.06991).
 
-Layers (DESIGN.md section 2), data flowing one way:
+Layers (docs/design.md section 2), data flowing one way:
 ``schedules`` (the math) -> ``ops`` (fused kernels) -> nn / sampling / loss -> train / generate.
 """
 

@@ -44,7 +44,7 @@ def noise_rng(seed: int, keys: torch.Tensor, per_sample: int, device) -> tuple[t
 
 
 def fdm_clamp(denoiser: Denoiser, step: int, warmup_ite: Optional[int]) -> Optional[float]:
-    """The loss-weight cap at this optimizer step: FDM preconditionings only (DESIGN 1.2)."""
+    """The loss-weight cap at this optimizer step: FDM preconditionings only (docs/design.md 1.2)."""
     if not denoiser.precond.fdm or not warmup_ite:
         return None
     c = warmup_clamp(step, warmup_ite)

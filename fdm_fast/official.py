@@ -9,8 +9,7 @@ its stored source is never compiled. Anything else is refused with an error nami
 From the records, ``to_fdm_fast`` builds an fdm_fast config and state dict:
 
 - preconditionings: VPPrecond, VEPrecond, EDMPrecond, FDM_VPPrecond, FDM_VEPrecond, FDM_EDMPrecond;
-- networks: SongUNet (DDPM++ / NCSN++). DhariwalUNet (ADM) is recognised and refused: fdm_fast has
-  no ADM network yet.
+- networks: SongUNet (DDPM++ / NCSN++) and DhariwalUNet (ADM, EDM's ImageNet-64 network).
 
 Pitfalls handled (measured against the official code): ``FDM_VEPrecond`` ignores ``fdm_multiplier``
 (every official FDM-VE model is m = 1); an ``FDM_EDMPrecond`` built without the argument is m = 1 (the
@@ -154,11 +153,8 @@ def to_fdm_fast(data: dict) -> tuple[dict, dict]:
     model = (st.get("_modules") or {}).get("model")
     if not isinstance(model, Record):
         raise OfficialFormatError(f"ema: {net.class_name} has no 'model' submodule")
-    if model.class_name == "DhariwalUNet":
-        raise OfficialFormatError("the network is DhariwalUNet (ADM, EDM's ImageNet-64 model): fdm_fast has no "
-                                  "ADM network yet; SongUNet (DDPM++ / NCSN++) models convert")
-    if model.class_name != "SongUNet":
-        raise OfficialFormatError(f"the network is {model.class_name}: only SongUNet converts")
+    if model.class_name not in ("SongUNet", "DhariwalUNet"):
+        raise OfficialFormatError(f"the network is {model.class_name}: only SongUNet and DhariwalUNet convert")
     name = PRECONDS[net.class_name]
     options = {}
     attrs = {k: _plain(st[k]) for k in ("sigma_min", "sigma_max", "sigma_data", "beta_d", "beta_min", "M",
@@ -185,14 +181,16 @@ def to_fdm_fast(data: dict) -> tuple[dict, dict]:
         options.update({f: float(_plain(st[f])) for f in ("fdm_beta_min", "fdm_beta_d") if f in st})
     mk = _kwargs(model)
     embedding = mk.get("embedding_type", "positional")
-    network = {k: _plain(mk[k]) for k in ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
-                                          "attn_resolutions", "dropout", "label_dropout", "embedding_type",
-                                          "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter")
-               if k in mk}
+    keys = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout",
+            "label_dropout")
+    if model.class_name == "SongUNet":
+        keys += ("embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter")
+    network = {k: _plain(mk[k]) for k in keys if k in mk}
     for k in ("channel_mult", "attn_resolutions", "resample_filter"):
         if k in network:
             network[k] = tuple(network[k])
-    config = dict(precond=name, precond_options=options, arch="ncsnpp" if embedding == "fourier" else "ddpmpp",
+    arch = "adm" if model.class_name == "DhariwalUNet" else "ncsnpp" if embedding == "fourier" else "ddpmpp"
+    config = dict(precond=name, precond_options=options, arch=arch,
                   img_resolution=int(mk.get("img_resolution", kw.get("img_resolution"))),
                   img_channels=int(kw.get("img_channels", mk.get("in_channels"))),
                   label_dim=int(mk.get("label_dim", 0)), augment_dim=int(mk.get("augment_dim", 0)), network=network,

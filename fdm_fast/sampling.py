@@ -1,4 +1,4 @@
-"""Samplers on the fused step ops (DESIGN.md 1.3): EDM's Heun (deterministic or with churn) and Euler.
+"""Samplers on the fused step ops (docs/design.md 1.3): EDM's Heun (deterministic or with churn) and Euler.
 
 Sampler state is float32; the network runs in ``net_dtype``. Noise comes from the noise contract
 keyed by each image's own seed (per-sample seeds), so an image depends on its seed only, never on

@@ -1,4 +1,4 @@
-"""The math of FDM and its base preconditionings (DESIGN.md section 1): the single source of truth.
+"""The math of FDM and its base preconditionings (docs/design.md section 1): the single source of truth.
 
 Every formula here is written the way EDM (Karras et al. 2022) and FDM (Wu et al. 2023) write it.
 All functions take a float or a tensor of per-sample ``sigma`` and work in the tensor's dtype, so
@@ -58,7 +58,7 @@ def vp_sigma_inv(sigma: Sigma, beta_d: float = 19.9, beta_min: float = 0.1) -> t
 class Precond:
     """Base class. Subclasses define the four coefficients, the weight and the sigma distribution.
 
-    ``fdm`` switches ``c_in`` to FDM's critically damped mean coefficient (DESIGN 1.2):
+    ``fdm`` switches ``c_in`` to FDM's critically damped mean coefficient (docs/design.md 1.2):
 
         tau = (sigma - sigma_min) / (sigma_max - sigma_min)
         B   = fdm_beta_min * tau + 0.5 * fdm_beta_d * tau^2
@@ -290,7 +290,7 @@ def get_precond(name: Union[str, Precond], **options) -> Precond:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss-weight warm-up (FDM runs), DESIGN 1.2.
+# Loss-weight warm-up (FDM runs), docs/design.md 1.2.
 
 
 def warmup_clamp(step: int, warmup_ite: Optional[int]) -> float:
@@ -310,7 +310,7 @@ def warmup_clamp(step: int, warmup_ite: Optional[int]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# EDM sampler time steps, DESIGN 1.3.
+# EDM sampler time steps, docs/design.md 1.3.
 
 
 def edm_time_steps(num_steps: int = 18, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,

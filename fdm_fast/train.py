@@ -112,7 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--outdir", default=None, help="run folder for options, stats, checkpoints, snapshots "
                                      "(default: runs/<ds>-<precond>-<arch>)")
     a("--precond", default="fdm_edm", choices=PRECONDS, help="preconditioning (default: fdm_edm)")
-    a("--arch", default="ddpmpp", choices=["ddpmpp", "ncsnpp"], help="SongUNet configuration (default: ddpmpp)")
+    a("--arch", default="ddpmpp", choices=["ddpmpp", "ncsnpp", "adm"],
+      help="network: SongUNet as DDPM++ or NCSN++, or ADM (EDM's DhariwalUNet) (default: ddpmpp)")
+    a("--cbase", type=int, default=None, help="base channel count (model_channels; recipe/architecture default)")
+    a("--cres", default=None, help="channel multipliers per resolution, e.g. 1,2,2,2 (recipe default)")
     a("--cond", action="store_true", help="class-conditional (needs labels: dataset.json, or digits)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
@@ -201,7 +204,21 @@ def resolve(args: argparse.Namespace) -> Options:
             ("--grid-steps", args.grid_steps, lambda v: v >= 1, "at least 1 step")):
         if v is not None and not (v == v and ok(v)):  # v == v: NaN fails
             raise SystemExit(f"error: {flag}: expected {what}, got {v}")
-    mult = r["channel_mult"] or (1, 2, 2, 2)  # song_unet's default
+    network = copy.deepcopy(r.get("network", {}))
+    channel_mult = r["channel_mult"]
+    if args.cbase is not None:
+        if args.cbase < 1:
+            raise SystemExit(f"error: --cbase: expected a positive channel count, got {args.cbase}")
+        network["model_channels"] = args.cbase
+    if args.cres is not None:
+        try:
+            channel_mult = tuple(int(v) for v in args.cres.split(","))
+            if not channel_mult or min(channel_mult) < 1:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"error: --cres: expected positive integers separated by commas (e.g. 1,2,2,2), "
+                             f"got {args.cres!r}") from None
+    mult = channel_mult or (1, 2, 2, 2)  # song_unet's default
     if args.resolution is not None:
         q = 2 ** (len(mult) - 1)  # the UNet halves the resolution len(channel_mult) - 1 times
         if args.resolution < q or args.resolution % q:
@@ -222,7 +239,7 @@ def resolve(args: argparse.Namespace) -> Options:
         precision=args.precision, tf32=args.tf32, seed=args.seed, resume=args.resume,
         tick=args.tick or max(kimg / 100, batch / 1000), snap=snap, ckpt=args.ckpt or snap, keep=args.keep,
         grid=args.grid, grid_steps=args.grid_steps, resolution=args.resolution, backend=args.backend,
-        channel_mult=r["channel_mult"], network=copy.deepcopy(r.get("network", {})), exact_reduce=args.exact_reduce)
+        channel_mult=channel_mult, network=network, exact_reduce=args.exact_reduce)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,6 +370,15 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
                per_sample=dataset.num_channels * dataset.resolution**2, step=step, cur_nimg=cur_nimg)
 
 
+def ema_beta(half_life_mimg: float, rampup: Optional[float], batch: int, cur_nimg: int) -> float:
+    """EDM's EMA decay for the step that starts with ``cur_nimg`` images seen: beta = 0.5^(batch / h),
+    h = min(half-life, cur_nimg * rampup). Step 0 gives beta = 0: the EMA starts as the network."""
+    half = half_life_mimg * 1e6
+    if rampup:
+        half = min(half, cur_nimg * rampup)
+    return 0.5 ** (batch / max(half, 1e-8))
+
+
 def _truncate_stats(path: str, step: int) -> None:
     """Drop stats rows of steps after the resumed checkpoint, so the log reads as one run."""
     if not os.path.isfile(path):
@@ -448,16 +474,39 @@ def train_step(run: Run) -> torch.Tensor:
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
     run.opt.step()
+    beta = ema_beta(o.ema, o.ema_rampup, o.batch, run.cur_nimg)  # from the images seen before this step
     run.step += 1
     run.cur_nimg += o.batch
-    # EMA with half-life and ramp-up (EDM): beta = 0.5^(batch / half-life)
-    half = o.ema * 1e6
-    if o.ema_rampup:
-        half = min(half, run.cur_nimg * o.ema_rampup)
-    beta = 0.5 ** (o.batch / max(half, 1e-8))
     with torch.no_grad():
         torch._foreach_lerp_(list(run.ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
     return loss_sum
+
+
+def write_snapshot(run: Run) -> str:
+    """The EMA network and its config (``network-snapshot-*.pt``), and a grid of samples from it."""
+    o, config, device = run.o, run.config, run.device
+    snap_path = os.path.join(o.outdir, snapshot_name(run.cur_nimg))
+    atomic_save(dict(config=config, ema=run.ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
+    labels = None
+    if config["label_dim"]:
+        labels = torch.eye(config["label_dim"], device=device)[torch.arange(o.grid, device=device) % config["label_dim"]]
+    images = edm_sampler(run.ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
+                         backend=o.backend, device=device)
+    save_grid(images, os.path.join(o.outdir, snapshot_name(run.cur_nimg, "samples", "png")))
+    return snap_path
+
+
+def write_checkpoint(run: Run) -> str:
+    """Everything a resume needs (``training-state-*.pt``); keeps the newest ``--keep``."""
+    o, device = run.o, run.device
+    path = os.path.join(o.outdir, f"training-state-{run.step:08d}.pt")
+    atomic_save(dict(net=run.net.state_dict(), ema=run.ema.state_dict(), opt=run.opt.state_dict(), step=run.step,
+                     cur_nimg=run.cur_nimg, torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     config=normalise_config(run.config)), path)
+    for old in checkpoints(o.outdir)[:-o.keep]:
+        remove(old)
+    return path
 
 
 def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), quiet: bool = False,
@@ -495,28 +544,6 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                    dynamic_ncols=True, mininterval=2.0)
     last_loss = float("nan")
 
-    def write_snapshot():
-        snap_path = os.path.join(o.outdir, snapshot_name(run.cur_nimg))
-        atomic_save(dict(config=config, ema=ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
-        labels = None
-        if config["label_dim"]:
-            labels = torch.eye(config["label_dim"], device=device)[torch.arange(o.grid, device=device)
-                                                                    % config["label_dim"]]
-        images = edm_sampler(ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
-                             backend=o.backend, device=device)
-        save_grid(images, os.path.join(o.outdir, snapshot_name(run.cur_nimg, "samples", "png")))
-        return snap_path
-
-    def write_checkpoint():
-        path = os.path.join(o.outdir, f"training-state-{run.step:08d}.pt")
-        atomic_save(dict(net=net.state_dict(), ema=ema.state_dict(), opt=run.opt.state_dict(), step=run.step,
-                         cur_nimg=run.cur_nimg, torch_rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                         config=json.loads(json.dumps(config))), path)
-        for old in checkpoints(o.outdir)[:-o.keep]:
-            remove(old)
-        return path
-
     while run.cur_nimg < total_nimg and (stop_after_steps is None or run.step - start_step < stop_after_steps):
         clamp = fdm_clamp(net, run.step, o.warmup_ite)
         tick_loss += train_step(run)
@@ -546,15 +573,15 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
             tick_n, tick_t0, tick_nimg = 0, now, cur_nimg
             next_tick += o.tick * 1000
         if rank == 0 and (cur_nimg >= next_snap or done):
-            write_snapshot()
+            write_snapshot(run)
             next_snap += o.snap * 1000
         if rank == 0 and (cur_nimg >= next_ckpt or done):
-            write_checkpoint()
+            write_checkpoint(run)
             next_ckpt += o.ckpt * 1000
     if bar is not None:
         bar.close()
     if rank == 0 and stop_after_steps is not None and not (run.cur_nimg >= total_nimg):
-        write_checkpoint()
+        write_checkpoint(run)
     return dict(step=run.step, cur_nimg=run.cur_nimg, loss=last_loss, net=net, ema=ema)
 
 

@@ -2,7 +2,6 @@
 the message, checked before any work is done (no traceback, nothing half-written left behind)."""
 
 import io
-import json
 import os
 import subprocess
 import sys

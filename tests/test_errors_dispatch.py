@@ -1,4 +1,4 @@
-"""Bad input gets a clear ValueError/TypeError naming the argument; backend choice per DESIGN 2.1."""
+"""Bad input gets a clear ValueError/TypeError naming the argument; backend choice per docs/design.md 2.1."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The noise contract (DESIGN 2.1): Philox known answers, backend agreement, layout, statistics."""
+"""The noise contract (docs/design.md 2.1): Philox known answers, backend agreement, layout, statistics."""
 
 import math
 

@@ -16,8 +16,8 @@ from fdm_fast import convert, generate, official, snapshots
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is absent (the official-format "
                                                                   "test data lives in the project's shared/ folder)")
-SONG = ["vp-ddpmpp", "ve-ncsnpp", "edm-ddpmpp-cond-aug", "fdm-vp-m2-ddpmpp", "fdm-ve-m2-ncsnpp", "fdm-edm-m1-ddpmpp",
-        "fdm-edm-m2-ddpmpp", "fdm-edm-default-ddpmpp"]
+ALL = ["vp-ddpmpp", "ve-ncsnpp", "edm-ddpmpp-cond-aug", "fdm-vp-m2-ddpmpp", "fdm-ve-m2-ncsnpp", "fdm-edm-m1-ddpmpp",
+       "fdm-edm-m2-ddpmpp", "fdm-edm-default-ddpmpp", "edm-adm-cond"]
 
 
 def _official_sampler(net, latents, labels, num_steps=6, rho=7.0):
@@ -39,7 +39,7 @@ def _official_sampler(net, latents, labels, num_steps=6, rho=7.0):
 
 
 @needs_fixtures
-@pytest.mark.parametrize("name", SONG)
+@pytest.mark.parametrize("name", ALL)
 def test_official_snapshot_loads_and_matches_the_official_outputs(name):
     meta = json.loads((FIXTURES / f"{name}.json").read_text())
     exp = torch.load(FIXTURES / f"expected-{name}.pt", weights_only=True)
@@ -59,9 +59,11 @@ def test_official_snapshot_loads_and_matches_the_official_outputs(name):
 
 
 @needs_fixtures
-def test_adm_is_recognised_and_refused_clearly():
-    with pytest.raises(snapshots.SnapshotError, match="DhariwalUNet .ADM"):
-        snapshots.load_snapshot(str(FIXTURES / "edm-adm-cond.pkl"))
+def test_conditional_network_without_labels_sees_zero_labels_as_the_official_precond():
+    net = snapshots.load_snapshot(str(FIXTURES / "edm-adm-cond.pkl"))
+    exp = torch.load(FIXTURES / "expected-edm-adm-cond.pt", weights_only=True)
+    zeros = torch.zeros(4, net.label_dim)
+    assert torch.equal(net(exp["x"], exp["sigma"]), net(exp["x"], exp["sigma"], zeros))
 
 
 @needs_fixtures

@@ -1,4 +1,4 @@
-"""Samplers on the fused step ops against a float64 eager EDM sampler (DESIGN 1.3), on the analytic
+"""Samplers on the fused step ops against a float64 eager EDM sampler (docs/design.md 1.3), on the analytic
 Gaussian-mixture denoiser; per-seed invariance; moments at high NFE."""
 
 import math
@@ -16,7 +16,7 @@ BACKENDS = ["torch"] + (["cpu"] if HAS_CPU_EXT else [])
 
 def reference_sampler(gmm, seeds, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
                       S_max=float("inf"), S_noise=1.0):
-    """EDM's sampler written from DESIGN 1.3 in float64, eager, with the contract's noise."""
+    """EDM's sampler written from docs/design.md 1.3 in float64, eager, with the contract's noise."""
     p = gmm.precond
     sigma_min, sigma_max = max(sigma_min, p.sigma_min), min(sigma_max, p.sigma_max)
     i = torch.arange(num_steps, dtype=torch.float64)

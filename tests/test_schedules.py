@@ -1,4 +1,4 @@
-"""schedules.py against independent float64 formulas (scalar `math`, written from DESIGN.md section 1)."""
+"""schedules.py against independent float64 formulas (scalar `math`, written from docs/design.md section 1)."""
 
 import math
 
@@ -22,7 +22,7 @@ RANGES = {"vp": (vp_sigma(1e-5), vp_sigma(1.0)), "ve": (0.02, 100.0), "edm": (0.
 
 
 def expected(name, s, m=None):
-    """(c_skip, c_out, c_in, c_noise, lambda) of DESIGN 1.1-1.2, in plain float64 math."""
+    """(c_skip, c_out, c_in, c_noise, lambda) of docs/design.md 1.1-1.2, in plain float64 math."""
     base = name.replace("fdm_", "")
     if base == "vp":
         c = (1.0, -s, 1 / math.sqrt(s * s + 1), 999 * vp_inv(s), 1 / s**2)

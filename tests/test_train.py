@@ -254,3 +254,35 @@ def test_ranks_train_exactly_what_one_process_trains(tmp_path):
     same(one3, _torchrun(tmp_path, data, 3, "three", "--batch", "24", "--exact-reduce"))
     one4 = _torchrun(tmp_path, data, 1, "one4", "--batch", "32", "--batch-gpu", "8")
     same(one4, _torchrun(tmp_path, data, 2, "two_acc", "--batch", "32", "--batch-gpu", "8"), exact=False)
+
+
+def test_ema_beta_follows_edm():
+    """EDM computes the half-life from the images seen before the step: step 0 copies the network."""
+    from fdm_fast.train import ema_beta
+
+    for cur in (0, 64, 6400, 10**6, 10**8):
+        half = min(0.5e6, cur * 0.05)
+        assert ema_beta(0.5, 0.05, 64, cur) == 0.5 ** (64 / max(half, 1e-8))
+    assert ema_beta(0.5, 0.05, 64, 0) == 0.0
+    assert ema_beta(0.5, None, 64, 0) == 0.5 ** (64 / 0.5e6)
+
+
+def test_first_step_ema_equals_the_network(tmp_path):
+    res = training_loop(tiny_options(tmp_path, "--kimg", "100"), quiet=True, stop_after_steps=1)
+    for p, q in zip(res["net"].parameters(), res["ema"].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cbase_cres_and_adm_from_the_command_line(tmp_path):
+    o = resolve(parse_args([*TINY, "--outdir", str(tmp_path), "--cbase", "24", "--cres", "1,2"]))
+    assert o.network["model_channels"] == 24 and o.channel_mult == (1, 2)
+    for bad in (["--cres", "1,x"], ["--cres", "0,2"], ["--cbase", "0"]):
+        with pytest.raises(SystemExit, match="--cres|--cbase"):
+            resolve(parse_args([*TINY, *bad]))
+    o = resolve(parse_args([*TINY, "--outdir", str(tmp_path / "adm"), "--arch", "adm", "--cbase", "64", "--cres",
+                            "1,2", "--kimg", "100", "--snap", "0.016"]))
+    o.network = dict(model_channels=64, num_blocks=1, attn_resolutions=(4,))
+    res = training_loop(o, quiet=True, stop_after_steps=2)
+    assert type(res["net"].model).__name__ == "DhariwalUNet" and res["step"] == 2
+    snap = load_snapshot(str(next((tmp_path / "adm").glob("network-snapshot-*.pt"))))
+    assert type(snap.model).__name__ == "DhariwalUNet"

@@ -125,7 +125,7 @@ __device__ __forceinline__ void store4(T* __restrict__ p, const Geometry& g, int
   }
 }
 
-// Noise of logical elements j .. j+3 of sample b (noise contract; DESIGN 2.1).
+// Noise of logical elements j .. j+3 of sample b (noise contract; docs/design.md 2.1).
 __device__ __forceinline__ void noise4(const Noise& nz, const Geometry& g, int64_t b, int64_t j, bool vec,
                                        float n[4]) {
   if (nz.explicit_noise) {

@@ -1,8 +1,8 @@
 // fdm_fast math shared by the CPU and CUDA kernels (host + device inline functions, no torch).
 //
-// 1. The coefficients of DESIGN.md section 1 (c_skip, c_out, c_in, lambda) for the base
+// 1. The coefficients of docs/design.md section 1 (c_skip, c_out, c_in, lambda) for the base
 //    preconditionings vp / ve / edm and their FDM variants, in float32 (the fused kernels' precision).
-// 2. The noise contract of DESIGN.md 2.1: Philox4x32-10 (Salmon et al. 2011) keyed by the 64-bit
+// 2. The noise contract of docs/design.md 2.1: Philox4x32-10 (Salmon et al. 2011) keyed by the 64-bit
 //    seed, counter (c_lo, c_hi, 0, 0), outputs folded to uniforms exactly as Triton's
 //    uint_to_uniform_float, then Box-Muller as Triton's randn4x. Element i of the logical tensor is
 //    component i % 4 of counter offset + i / 4.

@@ -325,6 +325,99 @@ class SongUNet(nn.Module):
         return aux
 
 
+class DhariwalUNet(nn.Module):
+    """ADM (Dhariwal & Nichol 2021) as EDM configures it (its ImageNet-64 model), with EDM's module and
+    parameter names: ``forward(x, noise_labels, class_labels=None, augment_labels=None)`` -> F.
+
+    Residual blocks with adaptive scale (GroupNorm eps 1e-5), 64 channels per attention head, attention
+    at ``attn_resolutions`` and in the bottleneck's first block, positional noise embedding.
+    """
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
+                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),
+                 dropout: float = 0.10, label_dropout: float = 0):
+        if img_resolution % (2 ** (len(channel_mult) - 1)):
+            raise ValueError(f"img_resolution: {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+        super().__init__()
+        self.img_resolution, self.label_dim, self.label_dropout = img_resolution, label_dim, label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
+        blk = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                init_weight=math.sqrt(label_dim)) if label_dim else None
+
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **blk)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **blk)
+        skips = [b.out_channels for b in self.enc.values()]
+
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **blk)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **blk)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **blk)
+        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        if self.map_label is not None and class_labels is None:
+            raise ValueError(f"class_labels: this network is conditional ({self.label_dim} classes), got None")
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = self.map_layer1(nnf.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            tmp = class_labels
+            if self.training and self.label_dropout:
+                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
+            emb = emb + self.map_label(tmp)
+        emb = nnf.silu(emb)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(nnf.silu(self.out_norm(x)))
+
+
+ADM = dict(model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+           attn_resolutions=(32, 16, 8), dropout=0.10)
+
+
+def adm_unet(img_resolution: int, img_channels: int = 3, label_dim: int = 0, augment_dim: int = 0,
+             **overrides) -> DhariwalUNet:
+    """EDM's ADM (DhariwalUNet) with its defaults; keywords override any setting."""
+    kw = dict(ADM)
+    kw.update(overrides)
+    return DhariwalUNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                        label_dim=label_dim, augment_dim=augment_dim, **kw)
+
+
 ARCHS = {
     "ddpmpp": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
                    channel_mult_noise=1, resample_filter=(1, 1), model_channels=128, channel_mult=(2, 2, 2)),
@@ -348,4 +441,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["SongUNet", "song_unet", "ARCHS", "count_parameters", "Optional"]
+__all__ = ["SongUNet", "song_unet", "DhariwalUNet", "adm_unet", "ARCHS", "count_parameters", "Optional"]

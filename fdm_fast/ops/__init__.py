@@ -1,4 +1,4 @@
-"""fdm_fast.ops: the fused per-element work of FDM training and sampling (DESIGN.md 2.1).
+"""fdm_fast.ops: the fused per-element work of FDM training and sampling (docs/design.md 2.1).
 
 Every op takes the raw UNet output / clean data and a preconditioning, computes the coefficients
 ``c_skip, c_out, c_in, lambda`` in-kernel from the per-sample ``sigma``, and, where noise is needed,
@@ -148,7 +148,7 @@ def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, of
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling (EDM Heun / Euler, DESIGN 1.3).
+# Sampling (EDM Heun / Euler, docs/design.md 1.3).
 
 
 def _state(name, t, be, like=None, like_name=""):

@@ -1,4 +1,4 @@
-"""Which backends exist on this machine, and which one an op call runs on (DESIGN 2.1).
+"""Which backends exist on this machine, and which one an op call runs on (docs/design.md 2.1).
 
 Default: CUDA tensor -> triton, else cuda, else torch; CPU tensor -> cpu, else torch. The
 ``backend=`` argument of every op, then the ``FDM_FAST_BACKEND`` environment variable, override the

@@ -1,11 +1,11 @@
-"""The ``torch`` backend: the executable specification of every fused op (DESIGN.md 2.1).
+"""The ``torch`` backend: the executable specification of every fused op (docs/design.md 2.1).
 
 Written op by op in plain PyTorch so that it runs on any device, in any float dtype (float64 for
 the tests' reference runs), and traces under ``torch.compile(fullgraph=True)``. The coefficients
 come from ``fdm_fast.schedules``; the noise from the noise contract below. Every other backend is
 tested against this file.
 
-Noise contract (DESIGN 2.1). Element ``i`` of the logical (NCHW, row-major) tensor gets component
+Noise contract (docs/design.md 2.1). Element ``i`` of the logical (NCHW, row-major) tensor gets component
 ``i % 4`` of Philox4x32-10 at key ``(seed & 0xffffffff, seed >> 32)`` and counter
 ``(c & 0xffffffff, c >> 32, 0, 0)``, ``c = offset + i // 4``, turned into normals by Triton's
 ``randn4x`` recipe (int32 fold, scale 4.6566127342e-10, Box-Muller with ``u1 >= 1e-7``).

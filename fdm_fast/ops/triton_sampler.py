@@ -1,4 +1,4 @@
-"""Triton: EDM sampler steps (DESIGN 1.3) fused with the denoiser output and the next net input.
+"""Triton: EDM sampler steps (docs/design.md 1.3) fused with the denoiser output and the next net input.
 
 churn:  x_hat = x + sqrt(t_hat^2 - t^2) S_noise n;         net_in = c_in(t_hat) x_hat
 euler:  D = c_skip(t) x + c_out(t) F;  d = (x - D) / t;     x_next = x + (t_next - t) d
