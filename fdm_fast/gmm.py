@@ -42,6 +42,14 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         weights = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
         return cls(means, stds, weights, shape, precond)
 
+    def component(self, x: torch.Tensor) -> torch.Tensor:
+        """The most likely mixture component of each sample of x [N, ...] (its posterior argmax)."""
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        d = flat.shape[1]
+        logp = (self.weights.log() - d * self.stds.log()
+                - torch.cdist(flat, self.means).pow(2) / (2 * self.stds.pow(2)))
+        return logp.argmax(dim=1)
+
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """E[y | x] in float64; x [B, C, H, W], sigma float or [B]."""
         B = x.shape[0]
