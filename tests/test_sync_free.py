@@ -125,7 +125,8 @@ def test_every_sampler_runs_without_a_sync(monkeypatch, checks_off, sampler, kw)
 TINY = ["--ds", "digits", "--resolution", "8", "--batch", "16", "--precision", "fp32", "--no-compile"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--xflip", "--cond"], ["--augment", "0.5", "--precond", "fdm_vp"],
+@pytest.mark.parametrize("extra", [[], ["--xflip", "--cond", "--data-on-device", "on"],
+                                   ["--augment", "0.5", "--precond", "fdm_vp"],
                                    ["--batch-gpu", "8"]])  # bf16: autocast has no meta device
 def test_training_step_runs_without_a_sync(tmp_path, monkeypatch, extra):
     o = train.resolve(train.parse_args([*TINY, "--outdir", str(tmp_path), *extra]))
