@@ -2,8 +2,10 @@
 
   official   the official code's step: eager float32, op-by-op loss with stored torch.randn noise,
              TF32 off, for-loop Adam
-  fdm_fast   fused perturb + fused loss (fdm_fast.loss.training_loss), bf16 autocast, torch.compile of
-             the network, and on a GPU channels_last and fused Adam
+  fdm_fast   the step ``python -m fdm_fast.train`` runs (train.setup + train.train_step: batch from the
+             dataset, fused perturb + fused loss, bf16 autocast, torch.compile of the network, Adam,
+             EMA; on a GPU channels_last, fused Adam, the dataset in GPU memory), on the digits
+             (CPU preset) or a synthetic dataset of the preset's size
 
 Steps alternate between the two (interleaved, so a slow phase of a shared machine hits both), the
 first steps (compilation, allocation) are reported apart. Defaults: on a GPU 64x64 DDPM++ (channel
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import add_results_arg, append_results, machine_name, print_table, time_interleaved  # noqa: E402
 
-from fdm_fast import ops  # noqa: E402
-from fdm_fast.loss import fdm_clamp, training_loss  # noqa: E402
+from fdm_fast import ops, train  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
 
 
@@ -83,30 +86,24 @@ def main(argv=None):
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
 
-    # --- fdm_fast step
-    net_f = build_denoiser(cfg).to(device).train()
-    if cuda:
-        net_f = net_f.to(memory_format=torch.channels_last)
-    model = torch.compile(net_f.model) if compile_net else net_f.model
-    train_net = type(net_f)(net_f.precond, model, cfg)
-    opt_f = torch.optim.Adam(net_f.parameters(), lr=1e-4, fused=cuda)
-    y_f = y.contiguous(memory_format=torch.channels_last) if cuda else y
-    clamp = fdm_clamp(net_f, 10, 400)
-    state = {"step": 0}
+    # --- fdm_fast step: the step python -m fdm_fast.train runs (train.setup + train.train_step: data
+    # slice, loss on the fused ops, backward, optimizer, EMA), on a synthetic dataset of the same size
+    tmp = tempfile.mkdtemp(prefix="fdm_fast_bench_")
+    ds = ["--ds", "digits"] if cfg["img_resolution"] == 16 and cfg["img_channels"] == 1 else \
+        ["--ds", "synthetic", "--resolution", str(cfg["img_resolution"])]
+    o = train.resolve(train.parse_args([*ds, "--precond", args.precond, "--batch", str(args.batch), "--precision",
+                                        "bf16", "--compile" if compile_net else "--no-compile", "--kimg", "1e6",
+                                        "--outdir", tmp, "--augment", "0", "--warmup-ite", "400"]))
+    o.network = {k: v for k, v in cfg["network"].items() if k not in ("channel_mult", "dropout")}
+    o.channel_mult, o.dropout = cfg["network"]["channel_mult"], cfg["network"]["dropout"]
+    run = train.setup(o, device=device)
+    ops.set_value_checks(False)  # (setup turns them on for the CPU; the official side has none either)
+    net_f = run.net
 
     def fused():
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # official() turns TF32 off before each of its steps
         torch.backends.cudnn.allow_tf32 = True
-        sigma = p.sample_sigma(args.batch, device=device)
-        state["step"] += 1
-        loss = training_loss(train_net, y_f, sigma, seed=1, offset=state["step"] * (y.numel() // 4 + 1),
-                             clamp=clamp, net_dtype=torch.bfloat16)
-        (loss.sum() / args.batch).backward()
-        for q in net_f.parameters():
-            if q.grad is not None:
-                torch.nan_to_num(q.grad, nan=0, posinf=1e5, neginf=-1e5, out=q.grad)
-        opt_f.step()
-        opt_f.zero_grad(set_to_none=True)
+        train.train_step(run)
 
     variants = {"official": official, "fdm_fast": fused}
     timed = time_interleaved(variants, device, reps=steps, warmup=args.warmup)
@@ -125,14 +122,16 @@ def main(argv=None):
           f"channels_last={cuda}, fused Adam={cuda}")
     print_table(header, rows)
     notes = [f"Machine: {machine}", f"Command: `python benchmarks/train_throughput.py {' '.join(argv or sys.argv[1:])}`",
-             f"official: eager fp32, op-by-op loss, TF32 off, for-loop Adam; fdm_fast: fused ops "
-             f"({ops.select_backend(device)}), bf16 autocast, compile={compile_net}, channels_last={cuda}, "
-             f"fused Adam={cuda}; {steps} interleaved timed steps each after {args.warmup} warm-up"]
+             f"official: eager fp32, op-by-op loss, TF32 off, for-loop Adam, no EMA; fdm_fast: train.train_step "
+             f"(data slice, fused ops ({ops.select_backend(device)}), bf16 autocast, compile={compile_net}, "
+             f"channels_last={cuda}, fused Adam={cuda}, EMA); {steps} interleaved timed steps each after "
+             f"{args.warmup} warm-up"]
     if args.results:
         append_results("train_throughput", header, rows, notes, path=args.results)
         print(f"appended {len(rows)} rows to {args.results}")
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, rows=[dict(zip(header, r)) for r in rows]), indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

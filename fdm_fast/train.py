@@ -107,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   python -m fdm_fast.train --ds cifar10 --precond fdm_vp --dry-run   # print the resolved options
   torchrun --nproc_per_node=8 -m fdm_fast.train --ds ffhq --precond fdm_edm --batch 256""")
     a = ap.add_argument
-    a("--ds", default="digits", help="cifar10, ffhq, afhqv2, digits (embedded, no download), or a dataset path "
-                                     "(default: digits)")
+    a("--ds", default="digits", help="cifar10, ffhq, afhqv2, digits (embedded, no download), synthetic (random "
+                                     "images of --resolution, for benchmarks), or a dataset path (default: digits)")
     a("--data", default=None, help="dataset zip or folder (EDM format); default datasets/<name>.zip for the named sets")
     a("--outdir", default=None, help="run folder for options, stats, checkpoints, snapshots "
                                      "(default: runs/<ds>-<precond>-<arch>)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .dataset import DatasetError, DigitsDataset, ImageDataset, ImageFolderDataset  # noqa: F401
+from .dataset import DatasetError, DigitsDataset, ImageDataset, ImageFolderDataset, SyntheticDataset  # noqa: F401
 
 # Where `--ds NAME` looks unless --data is given, and how to prepare each file.
 DEFAULT_PATHS = {
@@ -28,6 +28,8 @@ def open_dataset(ds: str, data: Optional[str] = None, *, use_labels: bool = Fals
     """The dataset ``--ds`` names (cifar10, ffhq, afhqv2, digits, or a path), at ``--data`` if given."""
     if ds == "digits" and data is None:
         return DigitsDataset(resolution=16 if resolution is None else resolution, use_labels=use_labels)
+    if ds == "synthetic" and data is None:
+        return SyntheticDataset(resolution=32 if resolution is None else resolution, use_labels=use_labels)
     path = data or DEFAULT_PATHS.get(ds, ds)
     if not os.path.exists(path):
         if ds in PREPARE and data is None:

@@ -139,3 +139,16 @@ class DigitsDataset(ImageDataset):
         self._images = (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         self._labels = d.target.astype(np.int64) if use_labels else None
         self.label_dim = 10 if use_labels else 0
+
+
+class SyntheticDataset(ImageDataset):
+    """Seeded random RGB images with 10 labels: a stand-in of any resolution for benchmarks and tests
+    (``--ds synthetic --resolution 64`` sizes a training step like FFHQ-64's). Nothing to learn."""
+
+    name = "synthetic"
+
+    def __init__(self, resolution: int = 32, use_labels: bool = True, size: int = 2048, channels: int = 3):
+        g = np.random.default_rng(0)
+        self._images = g.integers(0, 256, (size, channels, resolution, resolution), dtype=np.uint8)
+        self._labels = g.integers(0, 10, size).astype(np.int64) if use_labels else None
+        self.label_dim = 10 if use_labels else 0
