@@ -145,10 +145,14 @@ def remove_stale_temp_files(outdir: str) -> list:
     return gone
 
 
-def snapshot_name(cur_nimg: int, prefix: str = "network-snapshot", ext: str = "pt") -> str:
-    """``network-snapshot-000060.pt`` at whole kimg, ``...-000000-512.pt`` between: never two for one count."""
-    rest = f"-{cur_nimg % 1000:03d}" if cur_nimg % 1000 else ""
-    return f"{prefix}-{cur_nimg // 1000:06d}{rest}.{ext}"
+def snapshot_name(cur_nimg: int, outdir: str = "", prefix: str = "network-snapshot",
+                  ext: str = "pt") -> str:
+    """``network-snapshot-000060.pt`` (whole kimg, EDM's naming); when that name is already taken in
+    ``outdir`` (snapshots less than 1 kimg apart), ``...-000000-512.pt``: never two files for one name."""
+    name = f"{prefix}-{cur_nimg // 1000:06d}.{ext}"
+    if outdir and os.path.exists(os.path.join(outdir, name)):
+        name = f"{prefix}-{cur_nimg // 1000:06d}-{cur_nimg % 1000:03d}.{ext}"
+    return name
 
 
 def load_snapshot(path: str, device="cpu"):

@@ -508,14 +508,15 @@ def train_step(run: Run) -> torch.Tensor:
 def write_snapshot(run: Run) -> str:
     """The EMA network and its config (``network-snapshot-*.pt``), and a grid of samples from it."""
     o, config, device = run.o, run.config, run.device
-    snap_path = os.path.join(o.outdir, snapshot_name(run.cur_nimg))
+    name = snapshot_name(run.cur_nimg, o.outdir)
+    snap_path = os.path.join(o.outdir, name)
     atomic_save(dict(config=config, ema=run.ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
     labels = None
     if config["label_dim"]:
         labels = torch.eye(config["label_dim"], device=device)[torch.arange(o.grid, device=device) % config["label_dim"]]
     images = edm_sampler(run.ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
                          backend=o.backend, device=device)
-    save_grid(images, os.path.join(o.outdir, snapshot_name(run.cur_nimg, "samples", "png")))
+    save_grid(images, os.path.join(o.outdir, "samples" + name[len("network-snapshot"):-len(".pt")] + ".png"))
     return snap_path
 
 

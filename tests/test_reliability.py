@@ -73,13 +73,15 @@ def test_stale_temp_files_are_removed_and_stats_read_as_one_run(tmp_path):
 def test_snapshot_is_not_a_training_state_and_names_never_collide(tmp_path):
     _run(tmp_path, "--snap", "0.016", steps=3)  # 32 images per step: snapshots below 1 kimg
     names = sorted(p.name for p in tmp_path.glob("network-snapshot-*.pt"))
-    assert names == ["network-snapshot-000000-032.pt", "network-snapshot-000000-064.pt",
-                     "network-snapshot-000000-096.pt"], names
+    assert names == ["network-snapshot-000000-064.pt", "network-snapshot-000000-096.pt",
+                     "network-snapshot-000000.pt"], names  # the first keeps EDM's name
     assert all((tmp_path / (n + ".sha256")).exists() for n in names)
     fake = tmp_path / "training-state-00000099.pt"
     fake.write_bytes((tmp_path / names[0]).read_bytes())
     (tmp_path / "training-state-00000099.pt.sha256").write_text(
         (tmp_path / (names[0] + ".sha256")).read_text())
+    assert sorted(p.name for p in tmp_path.glob("samples-*.png")) == [n.replace("network-snapshot", "samples")
+                                                                      .replace(".pt", ".png") for n in names]
     with pytest.raises(SystemExit, match="this is a network snapshot, not a training state"):
         _run(tmp_path, "--resume", str(fake), steps=1)
 
