@@ -13,7 +13,7 @@ RUNS = {
     "train_throughput.py": ["--steps", "1", "--warmup", "1", "--no-compile"],
     "sampler_speed.py": ["--speed-nfe", "3", "--nfe", "5", "--nfe-samples", "20", "--reps", "1"],
 }
-HEADERS = {"ops_bandwidth.py": "% copy BW", "train_throughput.py": "median step ms", "sampler_speed.py": "ms/NFE"}
+HEADERS = {"ops_bandwidth.py": "% copy BW", "train_throughput.py": "vs row above", "sampler_speed.py": "ms/NFE"}
 
 
 def _status():

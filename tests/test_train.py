@@ -286,3 +286,18 @@ def test_cbase_cres_and_adm_from_the_command_line(tmp_path):
     assert type(res["net"].model).__name__ == "DhariwalUNet" and res["step"] == 2
     snap = load_snapshot(str(next((tmp_path / "adm").glob("network-snapshot-*.pt"))))
     assert type(snap.model).__name__ == "DhariwalUNet"
+
+
+def test_einsum_attention_equals_sdpa():
+    """The official-style attention option (EDM's einsum AttentionOp) gives the SDPA network's output."""
+    torch.manual_seed(0)
+    kw = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
+    a = song_unet("ddpmpp", 8, 1, attention="sdpa", **kw).eval()
+    for q in a.parameters():
+        q.data.add_(torch.randn_like(q) * 0.05)  # away from the zero-initialised projections
+    b = song_unet("ddpmpp", 8, 1, attention="einsum", **kw).eval()
+    b.load_state_dict(a.state_dict())
+    x, c = torch.randn(3, 1, 8, 8), torch.tensor([0.1, -0.4, 1.0])
+    torch.testing.assert_close(a(x, c), b(x, c), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_impl"):
+        song_unet("ddpmpp", 8, 1, attention="flash", **kw)

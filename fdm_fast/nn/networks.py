@@ -110,8 +110,12 @@ class GroupNorm(nn.Module):
 class UNetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, num_heads=None,
                  channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=(1, 1),
-                 resample_proj=False, adaptive_scale=True, init=None, init_zero=None, init_attn=None):
+                 resample_proj=False, adaptive_scale=True, init=None, init_zero=None, init_attn=None,
+                 attention_impl="sdpa"):
         super().__init__()
+        if attention_impl not in ("sdpa", "einsum"):
+            raise ValueError(f"attention_impl: expected 'sdpa' or 'einsum', got {attention_impl!r}")
+        self.attention_impl = attention_impl
         init = init or {}
         init_zero = init_zero if init_zero is not None else dict(init_weight=0)
         self.in_channels = in_channels
@@ -156,7 +160,11 @@ class UNetBlock(nn.Module):
             # EDM's AttentionOp computes softmax(q k / sqrt(c)) in float32; so do we, also under bf16
             # autocast (which would otherwise cast SDPA's inputs back to bf16).
             with _no_autocast(x.device.type):
-                a = nnf.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+                if self.attention_impl == "sdpa":
+                    a = nnf.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+                else:  # EDM's AttentionOp: softmax(q k^T / sqrt(c)) by einsum in float32, then w v
+                    att = torch.einsum("nhqc,nhkc->nhqk", q.float(), k.float() / math.sqrt(q.shape[-1]))
+                    a = torch.einsum("nhqk,nhkc->nhqc", att.softmax(dim=-1), v.float()).to(x.dtype)
             x = (self.proj(a.transpose(-1, -2).reshape(n, c, h, w)) + x) * self.skip_scale
         return x
 
@@ -201,7 +209,7 @@ class SongUNet(nn.Module):
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0, embedding_type: str = "positional",
                  channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
-                 resample_filter: Sequence[int] = (1, 1)):
+                 resample_filter: Sequence[int] = (1, 1), attention: str = "sdpa"):
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type: expected 'fourier' or 'positional', got {embedding_type!r}")
         if encoder_type not in ("standard", "skip", "residual"):
@@ -221,7 +229,7 @@ class SongUNet(nn.Module):
         init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
         block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
                             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
-                            init_zero=init_zero, init_attn=init_attn)
+                            init_zero=init_zero, init_attn=init_attn, attention_impl=attention)
 
         # Mapping.
         self.map_noise = PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional" \
