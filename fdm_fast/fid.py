@@ -22,27 +22,13 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from .metrics import MetricError, frechet_distance, statistics  # noqa: F401  (the CLI's math; re-exported)
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 class FIDError(Exception):
     """A missing input or dependency; the message says what to provide (printed alone by the CLI)."""
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
-
-    Tr (S1 S2)^(1/2) = Tr (A S2 A)^(1/2) with A = S1^(1/2): both square roots are of symmetric PSD
-    matrices, taken by eigendecomposition (stabler than a general matrix square root)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise FIDError(f"statistics: shapes differ ({mu1.shape}, {s1.shape}) vs ({mu2.shape}, {s2.shape})")
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = a @ s2 @ a
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
 def inception_weights(path: Optional[str]) -> str:
@@ -80,10 +66,6 @@ def features(extractor, batches: Iterable[torch.Tensor], device) -> np.ndarray:
         f = extractor(x.to(device))
         out.append((f[0] if isinstance(f, (tuple, list)) else f).double().cpu().numpy())
     return np.concatenate(out)
-
-
-def statistics(feats: np.ndarray):
-    return feats.mean(0), np.cov(feats, rowvar=False)
 
 
 def _image_batches(path: str, batch: int):
@@ -151,7 +133,7 @@ def main(argv=None) -> int:
         ref = np.load(args.ref)
         print(f"FID {frechet_distance(mu, sigma, ref['mu'], ref['sigma']):.4f}")
         return 0
-    except FIDError as e:
+    except (FIDError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # dataset errors and the like: one line, no traceback
