@@ -438,14 +438,14 @@ def place_images(images: torch.Tensor, device: torch.device, mode: str = "auto",
     return to_device(images, device)
 
 
-def _gather(run: Run, idx: np.ndarray) -> torch.Tensor:
-    """The uint8 images of ``idx`` on the device: indexed there when the dataset lives there, else
-    gathered on the host into a pinned buffer (on CUDA) and copied asynchronously."""
-    idx_t = torch.from_numpy(idx)
+def _gather(run: Run, idx_t: torch.Tensor, idx_dev: Optional[torch.Tensor]) -> torch.Tensor:
+    """The uint8 images of ``idx_t`` (host indices; ``idx_dev``: the same on the device) on the
+    device: indexed there when the dataset lives there, else gathered on the host into a pinned
+    buffer (on CUDA) and copied asynchronously."""
     if run.images.device == run.device:
-        return run.images.index_select(0, to_device(idx_t, run.device))
+        return run.images.index_select(0, idx_dev)
     if run.device.type == "cuda":
-        buf = torch.empty((len(idx), *run.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        buf = torch.empty((len(idx_t), *run.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
         torch.index_select(run.images, 0, idx_t, out=buf)
         return buf.to(run.device, non_blocking=True)
     return to_device(run.images[idx_t], run.device)
@@ -468,7 +468,10 @@ def train_step(run: Run) -> torch.Tensor:
         # dropout draws from torch's generator: seed it from the round's first position, so the same
         # slice of the global batch gets the same masks on any rank and after a resume
         torch.manual_seed(int(np.random.SeedSequence([o.seed, start]).generate_state(1, np.uint64)[0] >> 1))
-        y = _gather(run, idx).to(torch.float32) / 127.5 - 1
+        idx_t = torch.from_numpy(idx)
+        # the indices on the device, copied once, when the dataset or the labels live there
+        idx_dev = to_device(idx_t, device) if run.images.device == device or run.labels is not None else None
+        y = _gather(run, idx_t, idx_dev).to(torch.float32) / 127.5 - 1
         keys_host = torch.from_numpy(keys)
         # this sample's sigma, flip and augmentation, keyed by its global index (computed on the host)
         u = sample_uniforms(o.seed, keys_host, 2 + (NUM_UNIFORMS if run.augment else 0))
@@ -481,7 +484,7 @@ def train_step(run: Run) -> torch.Tensor:
         if run.augment is not None:
             y, aug_labels = run.augment(y, u[:, 2:])  # host uniforms: the padding margin is read on the host
             y = y.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else y.contiguous()
-        labels = run.labels[to_device(torch.from_numpy(idx), device)] if run.labels is not None else None
+        labels = run.labels[idx_dev] if run.labels is not None else None
         sigma = net.precond.sigma_from_uniform(u_dev[:, 0]).to(torch.float32)
         seed, offset = noise_rng(o.seed, to_device(keys_host, device), run.per_sample, device)
         sync = run.world == 1 or r == run.rounds - 1

@@ -40,6 +40,12 @@ def _spec(p: Precond):
     return kind, fdm, list(params)
 
 
+def _check_noise(noise, like, like_name, be) -> None:
+    """An explicit ``noise`` tensor: a net-facing dtype, the shape and device of ``like``."""
+    if noise is not None:
+        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=like, like_name=like_name)
+
+
 def _ext_call(backend: str, name: str, *args):
     """Run a compiled op (``cpu`` / ``cuda`` backends; the device picks the kernel)."""
     return loaded_extension().call(name, *args)
@@ -62,8 +68,7 @@ def perturb(y: torch.Tensor, sigma, precond, *, seed=0, offset=0, noise: Optiona
     V.tensor("y", y)
     be = select(y.device, backend)
     V.tensor("y", y, dtypes=V.net_dtypes(be))
-    if noise is not None:
-        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=y, like_name="y")
+    _check_noise(noise, y, "y", be)
     y, noise = V.layout(y, noise)
     B = y.shape[0]
     s = V.sigma("sigma", sigma, B, y.device, dtype=torch.float64 if be == "torch" and y.dtype == torch.float64
@@ -125,8 +130,7 @@ def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, of
     V.tensor("y", y, dtypes=V.net_dtypes(be), like=F, like_name="F")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    if noise is not None:
-        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=F, like_name="F")
+    _check_noise(noise, F, "F", be)
     F, y, noise = V.layout(F, y, noise)
     B = F.shape[0]
     sdt = torch.float64 if be == "torch" and torch.float64 in (F.dtype, y.dtype) else torch.float32
@@ -181,8 +185,7 @@ def churn(x: torch.Tensor, t_cur, t_hat, precond, *, seed=0, offset=0, noise: Op
     _no_grad_inputs("churn", x=x, t_cur=t_cur, t_hat=t_hat, noise=noise)
     be = select(x.device, backend)
     _state("x", x, be)
-    if noise is not None:
-        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    _check_noise(noise, x, "x", be)
     x, noise = V.layout(x, noise)
     B, tdt = x.shape[0], _t_dtype(be, x)
     tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
@@ -253,8 +256,7 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, 
     _state("x", x, be)
     _state("d", d, be, like=x, like_name="x")
     V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
-    if noise is not None:
-        V.tensor("noise", noise, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    _check_noise(noise, x, "x", be)
     x, d, F, noise = V.layout(x, d, F, noise)
     B, tdt = x.shape[0], _t_dtype(be, x, d, F)
     tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
