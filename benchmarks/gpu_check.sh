@@ -10,9 +10,11 @@
 #      measured copy bandwidth), train_throughput.py ablation rows at 32x32 (CIFAR-10 config, batch 128,
 #      no compile rows, to fit the time) and 64x64 (FFHQ config, batch 64), sampler_speed.py
 #      (64x64 DDPM++, batch 64, NFE 35)
-# Stage limits sum to 600 s (quick mode: about 2 minutes).
+# Stage limits sum to 565 s (quick mode: about 2 minutes).
 # Logs (env, build, tests, bench, train, sampler), JSON and RESULTS_gpu.md (rows to append to
-# benchmarks/RESULTS.md) end up in OUTDIR/gpu_check.tar.gz. A failed stage is recorded; the rest run.
+# benchmarks/RESULTS.md) end up in OUTDIR/gpu_check.tar.gz, packed again after every stage so that a run
+# cut short still returns what it measured. A failed stage is recorded and the rest run, except after a
+# failed build, which ends the check at once (the device minutes are kept for a rerun).
 #
 #   bash benchmarks/gpu_check.sh "$OUT"          (GPU_CHECK_QUICK=1: a smaller run to dry-run the script)
 set -uo pipefail
@@ -28,6 +30,11 @@ quick=${GPU_CHECK_QUICK:-0}
 summary="$out/summary.txt"
 : > "$summary"
 
+pack() {  # everything so far, in at most 4 files (the device tool returns 8)
+  tar -czf "$top/gpu_check.tar.gz" -C "$top" all
+  for f in summary.txt RESULTS_gpu.md sampler/sampler_speed.png; do [ -f "$out/$f" ] && cp "$out/$f" "$top/"; done
+}
+
 stage() {  # stage NAME TIMEOUT_S LOG CMD...
   local name=$1 limit=$2 log=$3
   shift 3
@@ -36,6 +43,8 @@ stage() {  # stage NAME TIMEOUT_S LOG CMD...
   local rc=$?
   echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s (log: $(basename "$log"))" | tee -a "$summary"
   tail -n 3 "$log" | sed 's/^/    /' | tee -a "$summary"
+  pack
+  return $rc
 }
 
 { nvidia-smi || true
@@ -44,8 +53,10 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
   command -v nvcc && nvcc --version | tail -n 2; } > "$out/env.txt" 2>&1
 head -n 20 "$out/env.txt" | grep -E "torch|device|release" | tee -a "$summary"
 
-stage build 120 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
-  FDM_FAST_EXT_REQUIRED=1 $py setup.py build_ext --inplace
+stage build 110 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+  FDM_FAST_EXT_REQUIRED=1 $py setup.py build_ext --inplace \
+  || { echo "build failed: check stopped" | tee -a "$summary"; grep -m 20 -E "error|Error" "$out/build.log" \
+       | tee -a "$summary"; pack; exit 1; }
 $py -c "import fdm_fast.ops as o; print('backends on cuda:', o.available_backends('cuda'), '| cpu:', o.available_backends('cpu'))" \
   2>&1 | tee -a "$summary"
 
@@ -53,34 +64,33 @@ sel="edm"
 [ "$quick" = "1" ] && sel="fdm_edm and shape0 and dtype0"
 xdist=""
 $py -c "import xdist" 2>/dev/null && [ "$quick" != "1" ] && xdist="-n 8"
-stage tests 80 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "$sel or gpu or cuda or graph or compile" \
+stage tests 75 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "$sel or gpu or cuda or graph or compile" \
   tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
 layout_cases=12
 [ "$quick" = "1" ] && layout_cases=3
-stage layouts 45 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=$layout_cases $py -m pytest -q -p no:cacheprovider \
+stage layouts 40 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=$layout_cases $py -m pytest -q -p no:cacheprovider \
   tests/test_layouts.py tests/test_opcheck.py tests/test_sync_free.py
 sync=(--steps 10)
 [ "$quick" = "1" ] && sync=(--steps 3 --warmup 2)
-stage sync 45 "$out/sync.log" $py benchmarks/sync_check.py "${sync[@]}"
+stage sync 40 "$out/sync.log" $py benchmarks/sync_check.py "${sync[@]}"
 
 bench=(--json "$out/ops.json" --results "$out/RESULTS_gpu.md" --sizes b64 ffhq64 --dtypes fp32 bf16
        --ops perturb loss churn euler heun)
 [ "$quick" = "1" ] && bench=(--json "$out/ops.json" --results "$out/RESULTS_gpu.md" --sizes b64 --dtypes fp32 --ops perturb
                               --no-compile --reps 3)
-stage bench 70 "$out/bench.log" $py benchmarks/ops_bandwidth.py "${bench[@]}"
+stage bench 90 "$out/bench.log" $py benchmarks/ops_bandwidth.py "${bench[@]}"
 if [ "$quick" = "1" ]; then
   stage train 60 "$out/train.log" $py benchmarks/train_throughput.py --json "$out/train.json" \
     --results "$out/RESULTS_gpu.md" --preset digits --steps 2 --warmup 1 --no-compile
 else
-  stage train_cifar 60 "$out/train_cifar.log" $py benchmarks/train_throughput.py --json "$out/train_cifar.json" \
+  stage train_cifar 55 "$out/train_cifar.log" $py benchmarks/train_throughput.py --json "$out/train_cifar.json" \
     --results "$out/RESULTS_gpu.md" --preset cifar --batch 128 --steps 10 --warmup 2 --no-compile
-  stage train_ffhq 120 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
+  stage train_ffhq 110 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
     --results "$out/RESULTS_gpu.md" --preset ffhq64 --batch 64 --steps 10 --warmup 2
 fi
 sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --batch 64 --speed-nfe 35 --nfe 13 35 --nfe-samples 500)
 [ "$quick" = "1" ] && sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1)
-stage sampler 60 "$out/sampler.log" $py benchmarks/sampler_speed.py "${sampler[@]}"
+stage sampler 45 "$out/sampler.log" $py benchmarks/sampler_speed.py "${sampler[@]}"
 echo "done" | tee -a "$summary"
-tar -czf "$top/gpu_check.tar.gz" -C "$top" all
-for f in summary.txt RESULTS_gpu.md sampler/sampler_speed.png; do [ -f "$out/$f" ] && cp "$out/$f" "$top/"; done
+pack
 rm -rf "$out"
