@@ -34,21 +34,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int = 2):
+def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int = 2, log=None):
     """{name: (median seconds, first-call seconds)} with the calls of all ``fns`` interleaved round-robin,
     so that a slow phase of a shared machine (another tenant, frequency changes) hits every
-    implementation alike instead of whichever ran then. First calls (compilation) are timed apart."""
+    implementation alike instead of whichever ran then. First calls (compilation) are timed apart.
+    ``log`` (e.g. print) hears of each first call and phase as it ends: a run cut short still says how far it got."""
     first, times = {}, {k: [] for k in fns}
+    t_start = time.perf_counter()
     for k, fn in fns.items():
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
         first[k] = time.perf_counter() - t0
+        if log:
+            log(f"  first call of {k}: {first[k]:.2f} s")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
+    if log:
+        log(f"  warm-up done at {time.perf_counter() - t_start:.1f} s; timing {reps} interleaved rounds")
     for _ in range(reps):
         for k, fn in fns.items():
             if device.type == "cuda":

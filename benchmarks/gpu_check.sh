@@ -24,7 +24,7 @@ top=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 out="$top/all"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import fdm_fast from this checkout
 py=${PYTHON:-python3}
 quick=${GPU_CHECK_QUICK:-0}
 summary="$out/summary.txt"

@@ -98,7 +98,8 @@ def speed(args, device):
                         holder["g"] = GraphedSampler(compiled, len(seeds), num_steps=steps)
                     return holder["g"](seeds)
                 variants["fused+compile+graph"] = graphed
-            timed = time_interleaved(variants, device, reps=args.reps, warmup=0)
+            print(f"batch {batch}, NFE {2 * steps - 1}:", flush=True)
+            timed = time_interleaved(variants, device, reps=args.reps, warmup=0, log=lambda m: print(m, flush=True))
             for name in variants:
                 t, first = timed[name]
                 rows.append(dict(kind="speed", network=desc, batch=batch, nfe=2 * steps - 1, variant=name,

@@ -31,6 +31,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -147,7 +148,9 @@ def main(argv=None):
                                         "--outdir", tmp, "--augment", "0", "--warmup-ite", "400"]))
     o.network = {k: v for k, v in cfg["network"].items() if k not in ("channel_mult", "dropout")}
     o.channel_mult, o.dropout = cfg["network"]["channel_mult"], cfg["network"]["dropout"]
+    t0 = time.perf_counter()
     run = train.setup(o, device=device)
+    print(f"train.setup: {time.perf_counter() - t0:.1f} s", flush=True)
     ops.set_value_checks(False)  # setup keeps them on for the CPU; the other rows have none either
     images = open_dataset(o.ds, None, resolution=o.resolution if preset != "digits" else None).images_as_tensor()
 
@@ -163,7 +166,8 @@ def main(argv=None):
         train.train_step(run)
 
     variants["fdm_fast train_step"] = real
-    timed = time_interleaved(variants, device, reps=steps, warmup=args.warmup)
+    print(f"rows built at {time.perf_counter() - t0:.1f} s", flush=True)
+    timed = time_interleaved(variants, device, reps=steps, warmup=args.warmup, log=lambda m: print(m, flush=True))
     peak = {}
     for k, fn in variants.items():  # peak memory of one more step of each row
         if cuda:

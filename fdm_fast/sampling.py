@@ -33,7 +33,7 @@ def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_step
 
     ``heun=False`` gives Euler (NFE = num_steps); Heun has NFE = 2 num_steps - 1.
     """
-    device = torch.device(device) if device is not None else next(denoiser.parameters()).device
+    device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device
     seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
     B = seeds.numel()
     shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
@@ -87,7 +87,7 @@ def dpm_solver_pp_2m(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num
     The net input comes from the fused churn op (t_hat = t_cur: c_in x in one pass). The official FDM
     code also offers a third-order singlestep variant with logSNR steps; it is not implemented here.
     """
-    device = torch.device(device) if device is not None else next(denoiser.parameters()).device
+    device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device
     seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
     B = seeds.numel()
     shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
@@ -132,7 +132,7 @@ class GraphedSampler:
     def __init__(self, denoiser, batch: int, *, sampler=edm_sampler, warmup: int = 2, **kwargs):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedSampler needs a CUDA device")
-        self.device = torch.device(kwargs.pop("device", None) or next(denoiser.parameters()).device)
+        self.device = ops.canonical_device(kwargs.pop("device", None) or next(denoiser.parameters()).device)
         if self.device.type != "cuda":
             raise ValueError(f"denoiser: expected a network on a CUDA device for graph capture, got {self.device}")
         if "class_labels" in kwargs:

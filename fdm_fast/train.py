@@ -282,6 +282,7 @@ class Run:
 
 def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), log=lambda *a: None) -> Run:
     """Data, network, EMA, optimizer and (with ``o.resume``) the checkpoint's state: a Run at its first step."""
+    device = ops.canonical_device(device)  # "cuda" -> "cuda:0": the step compares tensors' devices with it
     torch.backends.cuda.matmul.allow_tf32 = o.tf32
     torch.backends.cudnn.allow_tf32 = o.tf32
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (as EDM does)
@@ -540,6 +541,7 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                   stop_after_steps: Optional[int] = None) -> dict:
     """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests)."""
     log = (lambda *a: print(*a, flush=True)) if rank == 0 and not quiet else (lambda *a: None)
+    device = ops.canonical_device(device)
     run = setup(o, rank=rank, world=world, device=device, log=log)
     dataset, config, net, ema = run.dataset, run.config, run.net, run.ema
 

@@ -156,3 +156,22 @@ def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim):
         labels = torch.eye(10, device="cuda")[[(s + k) % 10 for s in seeds]] if label_dim else None
         want = fn(net, list(seeds), num_steps=6, class_labels=labels, **kw)
         torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)
+
+
+# A device named without its index ("cuda", "cpu:0") is not equal to what a tensor on it reports
+# ("cuda:0", "cpu"): samplers and ops compare the two forms only after ops.canonical_device. The GPU
+# check found edm_sampler(..., device="cuda") refusing its own seeds; "cpu:0" is the same mismatch here.
+SPELLINGS = ["cpu:0", torch.device("cpu", 0)] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("spelled", SPELLINGS, ids=str)
+def test_device_named_without_its_index(spelled):
+    canonical = ops.canonical_device(spelled)
+    assert canonical == torch.empty(0, device=spelled).device
+    gmm = GaussianMixtureDenoiser.random(k=3, shape=(1, 4, 4), seed=1, precond="fdm_edm").to(canonical)
+    want = edm_sampler(gmm, torch.arange(3), num_steps=6, S_churn=5, device=canonical)
+    got = edm_sampler(gmm, torch.arange(3), num_steps=6, S_churn=5, device=spelled)
+    assert torch.equal(got.cpu(), want.cpu())
+    seeds = torch.arange(3, device=canonical)
+    assert torch.equal(ops.randn([3, 5], seed=seeds, device=spelled), ops.randn([3, 5], seed=seeds, device=canonical))
+    assert ops.canonical_device("meta") == torch.device("meta")

@@ -24,10 +24,10 @@ from ..schedules import Precond
 from . import _validate as V
 from . import reference
 from ._backends import BACKENDS, available_backends, loaded_extension, select, triton_module
-from ._validate import set_value_checks, value_checks
+from ._validate import canonical_device, set_value_checks, value_checks
 
 __all__ = ["perturb", "denoise_loss", "churn", "euler_step", "heun_step", "randn", "available_backends",
-           "select_backend", "set_value_checks", "value_checks", "BACKENDS"]
+           "select_backend", "set_value_checks", "value_checks", "canonical_device", "BACKENDS"]
 
 
 def select_backend(device="cpu", backend: Optional[str] = None) -> str:
@@ -288,7 +288,7 @@ def randn(shape: Sequence[int], *, seed=0, offset=0, device="cpu", backend: Opti
     shape = [int(s) for s in shape]
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"shape: expected a non-empty shape of positive sizes, got {shape}")
-    device = torch.device(device)
+    device = V.canonical_device(device)
     be = select(device, backend)
     rng = V.rng(seed, offset, shape[0], device)
     if be == "torch":

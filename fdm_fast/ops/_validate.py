@@ -92,6 +92,7 @@ def _checking(t: torch.Tensor) -> bool:
 def sigma(name: str, v, B: int, device: torch.device, *, dtype=torch.float32, allow_zero=False) -> torch.Tensor:
     """A per-sample noise level as a contiguous [B] tensor; float, [], [1] or [B] (or [B,1,..]) accepted."""
     what = "a finite number >= 0" if allow_zero else "a finite number > 0"
+    device = canonical_device(device)
     if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
         raise TypeError(f"{name}: expected a float or a tensor of per-sample values, got {type(v).__name__}")
     if not isinstance(v, torch.Tensor):
@@ -121,6 +122,17 @@ def precond(p) -> Precond:
     raise TypeError(f"precond: expected a preconditioning name or a schedules.Precond, got {type(p).__name__}")
 
 
+def canonical_device(d) -> torch.device:
+    """``d`` as a tensor on it reports its device: "cuda" becomes "cuda:<current>", "cpu:0" becomes
+    "cpu". Comparing a tensor's device with a user's ``device="cuda"`` is only right in this form."""
+    d = torch.device(d)
+    if d.type in ("cpu", "meta"):
+        return torch.device(d.type)
+    if d.index is None:
+        return torch.empty(0, device=d).device  # no allocation, no sync
+    return d
+
+
 def _check_seed_offset(seed, offset):
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)):
         raise TypeError(f"seed: expected an int or an int64 tensor of per-sample seeds, got {type(seed).__name__}")
@@ -139,6 +151,7 @@ def rng(seed, offset, B: int, device: torch.device) -> torch.Tensor:
     copy and no sync, so it is safe inside a CUDA graph capture and in the training hot path.
     """
     _check_seed_offset(seed, offset)
+    device = canonical_device(device)
     if isinstance(seed, int) and isinstance(offset, int):
         if torch.compiler.is_compiling():  # a constant of the traced graph (inductor inlines a built one)
             return torch.tensor([[seed, offset]], dtype=torch.int64, device=device)
