@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# The device check, for a lent machine with an NVIDIA GPU (budget: 8 minutes on an H100; stages time out):
-#   1. builds fdm_fast._C with its CUDA kernels in place (sm_90 only, for speed)
-#   2. runs the GPU tests: the cuda and triton backends against the float64 reference, noise equality,
-#      torch.compile(fullgraph), CUDA-graph capture of every sampler (the edm / fdm_edm cases, to fit
-#      the time), the layout property test and torch.library.opcheck of every op on CUDA
-#   3. benchmarks/sync_check.py: ten training steps and every sampler under
-#      torch.cuda.set_sync_debug_mode("error")
-#   4. benchmarks: ops_bandwidth.py (every op, fp32 and bf16, 64x3x64x64 and 256x3x64x64, fraction of the
-#      measured copy bandwidth), train_throughput.py ablation rows at 32x32 (CIFAR-10 config, batch 128,
-#      no compile rows, to fit the time) and 64x64 (FFHQ config, batch 64), sampler_speed.py
-#      (64x64 DDPM++, batch 64, NFE 35)
-# Stage limits sum to 565 s (quick mode: about 2 minutes).
-# Logs (env, build, tests, bench, train, sampler), JSON and RESULTS_gpu.md (rows to append to
-# benchmarks/RESULTS.md) end up in OUTDIR/gpu_check.tar.gz, packed again after every stage so that a run
-# cut short still returns what it measured. A failed stage is recorded and the rest run, except after a
-# failed build, which ends the check at once (the device minutes are kept for a rerun).
+# The device check, for a lent machine with an NVIDIA GPU. Three parts, each under 10 minutes on an H200
+# (stage limits below, set from the H200 runs of 2026-11-29); a session's 15 device minutes hold the
+# quick part and one of the others:
+#   quick  (GPU_CHECK_MODE=quick, ~3 min): the build, a few GPU tests, a small row of every benchmark:
+#          proves the script and the toolchain before the long parts spend device time
+#   a      (default, stage limits sum to 560 s): correctness and the cheap measurements
+#     1. builds fdm_fast._C with its CUDA kernels in place (sm_90 only, for speed)
+#     2. the GPU tests: cuda and triton backends against the float64 reference, noise equality,
+#        torch.compile(fullgraph), CUDA-graph capture of every sampler (edm / fdm_edm cases), then the
+#        layout property test, torch.library.opcheck of every op and the meta-device sync test
+#     3. benchmarks/sync_check.py: ten training steps and every sampler under
+#        torch.cuda.set_sync_debug_mode("error")
+#     4. ops_bandwidth.py (every op, fp32 and bf16, 64x3x64x64 and 256x3x64x64; per-call and CUDA-graph
+#        device time, fraction of the measured copy bandwidth), train_throughput.py ablation rows at
+#        32x32 (CIFAR-10 config, batch 128, no compile rows: cuDNN's autotuning alone costs 10-20 s per
+#        row's first step), sampler_speed.py (64x64 DDPM++, batch 64, NFE 35)
+#   b      (GPU_CHECK_MODE=b, stage limits sum to 560 s): the compile-heavy rows: train_throughput.py at
+#          64x64 (FFHQ config, batch 64) with its torch.compile rows, sampler_speed.py at batch 1 and 8
+#          (each batch size is another compilation of the UNet: about a minute)
+# Logs, JSON and RESULTS_gpu.md (rows to append to benchmarks/RESULTS.md) end up in
+# OUTDIR/gpu_check.tar.gz, packed again after every stage so that a run cut short still returns what it
+# measured. A failed stage is recorded and the rest run, except after a failed build, which ends the
+# check at once (the device minutes are kept for a rerun).
 #
-#   bash benchmarks/gpu_check.sh "$OUT"          (GPU_CHECK_QUICK=1: a smaller run to dry-run the script)
+#   bash benchmarks/gpu_check.sh "$OUT"                      # part a
+#   GPU_CHECK_MODE=quick bash benchmarks/gpu_check.sh "$OUT" # (GPU_CHECK_QUICK=1 is the same)
 set -uo pipefail
 top=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 # The device tool returns at most 8 files: everything is written under OUTDIR/all, then packed into
@@ -26,7 +34,9 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import fdm_fast from this checkout
 py=${PYTHON:-python3}
-quick=${GPU_CHECK_QUICK:-0}
+mode=${GPU_CHECK_MODE:-a}
+[ "${GPU_CHECK_QUICK:-0}" = "1" ] && mode=quick
+case "$mode" in quick|a|b) ;; *) echo "GPU_CHECK_MODE: expected quick, a or b, got $mode" >&2; exit 2;; esac
 summary="$out/summary.txt"
 : > "$summary"
 
@@ -50,47 +60,55 @@ stage() {  # stage NAME TIMEOUT_S LOG CMD...
 { nvidia-smi || true
   $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); \
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-  command -v nvcc && nvcc --version | tail -n 2; } > "$out/env.txt" 2>&1
-head -n 20 "$out/env.txt" | grep -E "torch|device|release" | tee -a "$summary"
+  command -v nvcc && nvcc --version | tail -n 2
+  # the compiler the extension is built with, and the libstdc++ the process loads (the H200 run saw a
+  # C++ exception thrown in fdm_fast._C crash the process: see benchmarks/RESULTS.md)
+  for c in "${CXX:-}" c++ g++ /opt/gcc/bin/g++; do [ -n "$c" ] && command -v "$c" >/dev/null && echo "$c: $("$c" --version | head -n 1)"; done
+  $py -c "import torch; print('torch was built with', torch.__config__.show().splitlines()[1].strip(' -')); \
+print('libstdc++ loaded:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l}))"
+  } > "$out/env.txt" 2>&1
+grep -E "^torch|^device|release|g\+\+|libstdc" "$out/env.txt" | tee -a "$summary"
 
-stage build 110 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+echo "mode $mode" | tee -a "$summary"
+stage build 60 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
   FDM_FAST_EXT_REQUIRED=1 $py setup.py build_ext --inplace \
   || { echo "build failed: check stopped" | tee -a "$summary"; grep -m 20 -E "error|Error" "$out/build.log" \
        | tee -a "$summary"; pack; exit 1; }
 $py -c "import fdm_fast.ops as o; print('backends on cuda:', o.available_backends('cuda'), '| cpu:', o.available_backends('cpu'))" \
   2>&1 | tee -a "$summary"
-
-sel="edm"
-[ "$quick" = "1" ] && sel="fdm_edm and shape0 and dtype0"
+# pytest-xdist (in the device image) replaces a crashed worker instead of ending the run
 xdist=""
-$py -c "import xdist" 2>/dev/null && [ "$quick" != "1" ] && xdist="-n 8"
-stage tests 75 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "$sel or gpu or cuda or graph or compile" \
-  tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
-layout_cases=12
-[ "$quick" = "1" ] && layout_cases=3
-stage layouts 40 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=$layout_cases $py -m pytest -q -p no:cacheprovider \
-  tests/test_layouts.py tests/test_opcheck.py tests/test_sync_free.py
-sync=(--steps 10)
-[ "$quick" = "1" ] && sync=(--steps 3 --warmup 2)
-stage sync 40 "$out/sync.log" $py benchmarks/sync_check.py "${sync[@]}"
+$py -c "import xdist" 2>/dev/null && xdist="-n 8"
+R=(--results "$out/RESULTS_gpu.md")
 
-bench=(--json "$out/ops.json" --results "$out/RESULTS_gpu.md" --sizes b64 ffhq64 --dtypes fp32 bf16
-       --ops perturb loss churn euler heun)
-[ "$quick" = "1" ] && bench=(--json "$out/ops.json" --results "$out/RESULTS_gpu.md" --sizes b64 --dtypes fp32 --ops perturb
-                              --no-compile --reps 3)
-stage bench 90 "$out/bench.log" $py benchmarks/ops_bandwidth.py "${bench[@]}"
-if [ "$quick" = "1" ]; then
-  stage train 60 "$out/train.log" $py benchmarks/train_throughput.py --json "$out/train.json" \
-    --results "$out/RESULTS_gpu.md" --preset digits --steps 2 --warmup 1 --no-compile
+if [ "$mode" = "quick" ]; then
+  stage tests 60 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist tests/test_extension.py \
+    tests/test_ops.py tests/test_sampling.py -k "(cuda and shape0 and dtype0 and not compile) or device_named or bad_input"
+  stage bench 30 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" --sizes b64 \
+    --dtypes fp32 --ops perturb --no-compile --reps 3
+  stage train 40 "$out/train.log" $py benchmarks/train_throughput.py --json "$out/train.json" "${R[@]}" \
+    --preset digits --steps 2 --warmup 1 --no-compile
+  stage sampler 30 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
+    --preset digits --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1
+elif [ "$mode" = "a" ]; then
+  stage tests 100 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "edm or gpu or cuda or graph or compile or device_named" \
+    tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
+  stage layouts 45 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=6 $py -m pytest -q -p no:cacheprovider $xdist \
+    tests/test_layouts.py tests/test_opcheck.py tests/test_sync_free.py
+  stage sync 30 "$out/sync.log" $py benchmarks/sync_check.py --steps 10
+  stage sync_triton 15 "$out/sync_triton.log" $py benchmarks/sync_check.py --steps 3 --backend triton
+  stage bench 100 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
+    --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun
+  stage train_cifar 100 "$out/train_cifar.log" $py benchmarks/train_throughput.py --json "$out/train_cifar.json" \
+    "${R[@]}" --preset cifar --batch 128 --steps 5 --warmup 1 --no-compile
+  stage sampler 110 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
+    --batch 64 --speed-nfe 35 --nfe 13 35 --nfe-samples 500 --reps 3
 else
-  stage train_cifar 55 "$out/train_cifar.log" $py benchmarks/train_throughput.py --json "$out/train_cifar.json" \
-    --results "$out/RESULTS_gpu.md" --preset cifar --batch 128 --steps 10 --warmup 2 --no-compile
-  stage train_ffhq 110 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
-    --results "$out/RESULTS_gpu.md" --preset ffhq64 --batch 64 --steps 10 --warmup 2
+  stage train_ffhq 330 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
+    "${R[@]}" --preset ffhq64 --batch 64 --steps 5 --warmup 1
+  stage sampler_small 165 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
+    --batch 1 8 --speed-nfe 35 --nfe 35 --nfe-samples 200 --reps 5
 fi
-sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --batch 64 --speed-nfe 35 --nfe 13 35 --nfe-samples 500)
-[ "$quick" = "1" ] && sampler=(--out "$out/sampler" --results "$out/RESULTS_gpu.md" --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1)
-stage sampler 45 "$out/sampler.log" $py benchmarks/sampler_speed.py "${sampler[@]}"
 echo "done" | tee -a "$summary"
 pack
 rm -rf "$out"

@@ -12,6 +12,11 @@ implementation, so it reads as effective bandwidth. Input buffers rotate over se
 than the last-level cache, so a CIFAR batch measures memory, not L2. Warm-up (compilation) is timed
 apart and excluded from the medians. Rows are appended to benchmarks/RESULTS.md with machine and date.
 
+Two times per row on a GPU. "call ms" is one call at a time, host included: at these sizes (a few MB)
+it is the host's launch latency (the H200 run of 2026-11-29 timed even a plain copy at 0.03-0.06 ms,
+1-2% of copy bandwidth). "device ms" replays the same calls from a CUDA graph, so only GPU time
+counts: GB/s, % copy BW and the ratios come from it. On a CPU the two are one ("device ms" is -).
+
     python benchmarks/ops_bandwidth.py                          # all ops, CIFAR and FFHQ-64, fp32+bf16
     python benchmarks/ops_bandwidth.py --ops perturb loss --sizes b64 --dtypes fp32
 """
@@ -28,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name,  # noqa: E402
-                      time_interleaved)
+                      time_graphed, time_interleaved)
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -229,7 +234,11 @@ def main(argv=None):
     cache = cache_bytes(device)
     print(f"{machine}\nmeasured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write); rotating inputs over "
           f">= 3x {cache / 2**20:.0f} MiB of cache\n")
-    header = ["op", "shape", "dtype", "impl", "median ms", "GB/s", "% copy BW", "vs eager", "first call s"]
+    cuda = device.type == "cuda"
+    # GB/s, % copy BW and the ratios come from the device time (CUDA-graph replay) on a GPU, from the
+    # per-call time on a CPU (where host and device are one)
+    header = ["op", "shape", "dtype", "impl", "call ms", "device ms", "GB/s", "% copy BW", "vs eager", "vs compile",
+              "first call s"]
     rows, records = [], []
     g = torch.Generator().manual_seed(0)
     for op_name in args.ops:
@@ -256,20 +265,26 @@ def main(argv=None):
                 impls.append(("copy", rotating(bufs)(lambda b: b[1].copy_(b[0]))))
                 # every input set is touched before timing; calls of all implementations interleave
                 timed = time_interleaved(dict(impls), device, reps=max(reps, nsets), warmup=nsets + 1)
-                base = timed["eager"][0]
+                dev = time_graphed(dict(impls), device, calls=nsets) if cuda else {}
+                best = {k: dev.get(k) or timed[k][0] for k, _ in impls}
                 for impl, _ in impls:
-                    t, first = timed[impl]
-                    gbs = nbytes / t / 1e9
-                    row = [op.name, "x".join(map(str, shape)), dname, impl, f"{t * 1e3:.3f}", f"{gbs:.1f}",
-                           f"{100 * nbytes / t / bw:.0f}%", f"{base / t:.2f}x", f"{first:.2f}"]
+                    t_call, first = timed[impl]
+                    t = best[impl]
+                    row = [op.name, "x".join(map(str, shape)), dname, impl, f"{t_call * 1e3:.3f}",
+                           f"{dev[impl] * 1e3:.4f}" if dev.get(impl) else ("n/a" if cuda else "-"),
+                           f"{nbytes / t / 1e9:.1f}", f"{100 * nbytes / t / bw:.0f}%", f"{best['eager'] / t:.2f}x",
+                           f"{best['compile'] / t:.2f}x" if "compile" in best else "-", f"{first:.2f}"]
                     rows.append(row)
                     records.append(dict(zip(header, row)))
                     if len(rows) == 1:
-                        print(" | ".join(f"{c:>14}" if k else f"{c:<14}" for k, c in enumerate(header)))
-                    print(" | ".join(f"{c:>14}" if k else f"{c:<14}" for k, c in enumerate(row)), flush=True)
+                        print(" | ".join(f"{c:>12}" if k else f"{c:<12}" for k, c in enumerate(header)))
+                    print(" | ".join(f"{c:>12}" if k else f"{c:<12}" for k, c in enumerate(row)), flush=True)
                 del sets, bufs
     print()
     notes = [f"Machine: {machine}", f"Command: `python benchmarks/ops_bandwidth.py {' '.join(argv or sys.argv[1:])}`",
+             "call ms: one call at a time, host work included (Python, checks, launches); device ms: the same calls "
+             "replayed from a CUDA graph (GPU only), from which GB/s, % copy BW and the ratios are computed"
+             if cuda else "call ms: one call at a time (GB/s, % copy BW and the ratios from it)",
              f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s; precond fdm_edm; bytes per op: "
              + "; ".join(f"{o.name}: {o.doc}" for o in (OPS[n] for n in args.ops))]
     if args.results:

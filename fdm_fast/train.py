@@ -33,6 +33,9 @@ from .data.order import GlobalOrder
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
 from .distributed import init_distributed
 from .images import save_grid
+from .metrics import MetricError
+from .metrics.evaluate import METRICS, SampleEvaluator, check_metric
+from .plots import line_plot, read_metric_records
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
 from .schedules import PRECONDS
@@ -93,6 +96,12 @@ class Options:
     network: dict
     exact_reduce: bool = False
     data_on_device: str = "auto"
+    metric: Optional[str] = None
+    metric_every: Optional[float] = None
+    metric_num: int = 500
+    metric_steps: int = 9
+    inception: Optional[str] = None
+    ref: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +171,16 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="keep the uint8 dataset in accelerator memory and index batches there (auto: when it takes at most "
            "a quarter of the free memory; CIFAR-10 is 150 MB, FFHQ-64 860 MB); otherwise batches are gathered "
            "into pinned host memory and copied asynchronously (default: auto)")
+    a("--metric", default=None, choices=list(METRICS),
+      help="evaluate the EMA network during training: digits-fd (digits only: Frechet distance on a digits "
+           "classifier's features, with KID, precision/recall, class coverage) or fid (needs --inception and "
+           "--ref); figures go to stats.jsonl, a plot to metrics.png (default: none)")
+    a("--metric-every", type=float, default=None, help="kimg between evaluations, on multiples of it "
+                                                       "(default: = --snap); the run's end is always evaluated")
+    a("--metric-num", type=int, default=500, help="samples per evaluation, seeds 0..N-1 (default 500)")
+    a("--metric-steps", type=int, default=9, help="Heun steps per evaluation sample (NFE 2 x steps - 1; default 9)")
+    a("--inception", default=None, help="--metric fid: path to weights-inception-2015-12-05-6726825d.pth")
+    a("--ref", default=None, help="--metric fid: reference statistics .npz (python -m fdm_fast.fid ref)")
     a("--dry-run", action="store_true", help="print the resolved options and exit")
     return ap.parse_args(argv)
 
@@ -206,7 +225,10 @@ def resolve(args: argparse.Namespace) -> Options:
             ("--ckpt", args.ckpt, lambda v: v > 0, "a positive number of kimg"),
             ("--keep", args.keep, lambda v: v >= 1, "at least 1 checkpoint"),
             ("--grid", args.grid, lambda v: v >= 1, "at least 1 image"),
-            ("--grid-steps", args.grid_steps, lambda v: v >= 1, "at least 1 step")):
+            ("--grid-steps", args.grid_steps, lambda v: v >= 1, "at least 1 step"),
+            ("--metric-every", args.metric_every, lambda v: v > 0, "a positive number of kimg"),
+            ("--metric-num", args.metric_num, lambda v: v >= 2, "at least 2 samples"),
+            ("--metric-steps", args.metric_steps, lambda v: v >= 1, "at least 1 step")):
         if v is not None and not (v == v and ok(v)):  # v == v: NaN fails
             raise SystemExit(f"error: {flag}: expected {what}, got {v}")
     network = copy.deepcopy(r.get("network", {}))
@@ -245,7 +267,9 @@ def resolve(args: argparse.Namespace) -> Options:
         tick=args.tick or max(kimg / 100, batch / 1000), snap=snap, ckpt=args.ckpt or snap, keep=args.keep,
         grid=args.grid, grid_steps=args.grid_steps, resolution=args.resolution, backend=args.backend,
         channel_mult=channel_mult, network=network, exact_reduce=args.exact_reduce,
-        data_on_device=args.data_on_device)
+        data_on_device=args.data_on_device, metric=args.metric,
+        metric_every=(args.metric_every or snap) if args.metric else None, metric_num=args.metric_num,
+        metric_steps=args.metric_steps, inception=args.inception, ref=args.ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,6 +378,9 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
             _truncate_stats(os.path.join(o.outdir, "stats.jsonl"), step)
     if len(dataset) < 1:
         raise DatasetError(f"{o.data or o.ds}: the dataset has no images")
+    if o.metric:  # before any training: a metric that cannot score this data is an error now
+        check_metric(o.metric, resolution=dataset.resolution, channels=dataset.num_channels, inception=o.inception,
+                     ref=o.ref)
     order = GlobalOrder(len(dataset), o.seed)
 
     images = place_images(dataset.images_as_tensor(), device, o.data_on_device, log)
@@ -524,6 +551,23 @@ def write_snapshot(run: Run) -> str:
     return snap_path
 
 
+def evaluate(run: Run, evaluator: SampleEvaluator) -> dict:
+    """Score the EMA network (``--metric``): a record appended to stats.jsonl and metrics.png redrawn."""
+    o = run.o
+    values = evaluator(run.ema)
+    rec = dict(kimg=run.cur_nimg / 1000, step=run.step, metric=o.metric, time=time.time(), **values)
+    stats_path = os.path.join(o.outdir, "stats.jsonl")
+    with open(stats_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    recs = read_metric_records(stats_path, o.metric)
+    key = evaluator.primary
+    line_plot(os.path.join(o.outdir, "metrics.png"),
+              [dict(x=[r["kimg"] for r in recs], y=[r[key] for r in recs], label=f"{o.precond} {key}")],
+              title=f"{o.metric}: {key} of the EMA network, {evaluator.num} samples, NFE {evaluator.nfe} "
+                    f"(lower is better)", xlabel="training kimg", ylabel=key)
+    return rec
+
+
 def write_checkpoint(run: Run) -> str:
     """Everything a resume needs (``training-state-*.pt``); keeps the newest ``--keep``."""
     o, device = run.o, run.device
@@ -562,6 +606,12 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
     next_tick = run.cur_nimg + o.tick * 1000
     next_snap = run.cur_nimg + o.snap * 1000 if resumed else o.snap * 1000
     next_ckpt = run.cur_nimg + o.ckpt * 1000
+    evaluator, next_metric = None, None
+    if o.metric and rank == 0:
+        evaluator = SampleEvaluator(o.metric, num=o.metric_num, steps=o.metric_steps, device=device,
+                                    inception=o.inception, ref=o.ref, log=log)
+        every = o.metric_every * 1000
+        next_metric = (run.cur_nimg // every + 1) * every  # on multiples of --metric-every, resumed or not
     tick_loss = torch.zeros((), dtype=torch.float64, device=device)  # read once per tick, not per step
     tick_n, tick_t0, tick_nimg = 0, time.time(), run.cur_nimg
     start_step = run.step
@@ -604,6 +654,12 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
         if rank == 0 and (cur_nimg >= next_snap or done):
             write_snapshot(run)
             next_snap += o.snap * 1000
+        if evaluator is not None and (cur_nimg >= next_metric or done):
+            rec = evaluate(run, evaluator)
+            log(f"\n{o.metric} at {rec['kimg']:g} kimg: {evaluator.primary} {rec[evaluator.primary]:.4g} "
+                f"({rec['seconds']:.1f} s)")
+            while next_metric <= cur_nimg:
+                next_metric += o.metric_every * 1000
         if rank == 0 and (cur_nimg >= next_ckpt or done):
             write_checkpoint(run)
             next_ckpt += o.ckpt * 1000
@@ -653,7 +709,7 @@ def _main(args) -> int:
             raise SystemExit(f"error: --outdir {o.outdir}: not writable")
     try:
         training_loop(o, rank=rank, world=world, device=device)
-    except (DatasetError, SnapshotError) as e:
+    except (DatasetError, SnapshotError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

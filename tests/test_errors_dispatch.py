@@ -98,6 +98,12 @@ def test_backend_selection(monkeypatch):
     with raises(ValueError, r"\$FDM_FAST_BACKEND: expected one of torch, triton, cuda, cpu, got 'nope'"):
         ops.perturb(y, 1.0, P)
     monkeypatch.delenv("FDM_FAST_BACKEND")
+    # CUDA tensors: the compiled cuda ops first, then triton (their order, with every backend available)
+    from fdm_fast.ops import _backends
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda b, d: "")
+    assert _backends._select("cuda", None, None) == "cuda"
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda b, d: "not built" if b == "cuda" else "")
+    assert _backends._select("cuda", None, None) == "triton"
     with raises(ValueError, r"backend: expected one of torch, triton, cuda, cpu, got 'jax'"):
         ops.perturb(y, 1.0, P, backend="jax")
 

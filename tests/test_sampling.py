@@ -141,7 +141,11 @@ def test_dpm_solver_pp_2m_matches_independent_implementation(name):
     ("dpm_solver_pp_2m", dict()),
 ])
 @pytest.mark.parametrize("label_dim", [0, 10])
-def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim, backend):
+    if backend not in ops.available_backends("cuda"):
+        pytest.skip(f"backend {backend} is not available on this machine")
+    kw = dict(kw, backend=backend)
     from fdm_fast import sampling
     from fdm_fast.nn import build_denoiser
     from fdm_fast.sampling import GraphedSampler

@@ -301,3 +301,46 @@ def test_einsum_attention_equals_sdpa():
     torch.testing.assert_close(a(x, c), b(x, c), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_impl"):
         song_unet("ddpmpp", 8, 1, attention="flash", **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation during training (--metric).
+
+
+def test_evaluation_during_training_changes_nothing_and_is_logged(tmp_path):
+    """--metric evaluates the EMA network every --metric-every kimg; the weights after 6 steps are
+    bitwise those of a run without it (dropout and augmentation on, so any use of torch's generator
+    would show), and each evaluation is a stats.jsonl record, drawn in metrics.png."""
+    opts = ("--resolution", "16", "--kimg", "100", "--dropout", "0.1", "--augment", "0.5")
+    plain = training_loop(tiny_options(tmp_path / "a", *opts), quiet=True, stop_after_steps=6)
+    evald = training_loop(tiny_options(tmp_path / "b", *opts, "--metric", "digits-fd", "--metric-every", "0.064",
+                                       "--metric-num", "16", "--metric-steps", "2"), quiet=True, stop_after_steps=6)
+    for (k, p), q in zip(plain["net"].state_dict().items(), evald["net"].state_dict().values()):
+        assert torch.equal(p, q), k
+    for p, q in zip(plain["ema"].state_dict().values(), evald["ema"].state_dict().values()):
+        assert torch.equal(p, q)
+    recs = [json.loads(line) for line in open(tmp_path / "b" / "stats.jsonl")]
+    metric = [r for r in recs if "metric" in r]
+    assert [round(r["kimg"], 3) for r in metric] == [0.064, 0.128, 0.192]  # batch 32: every 2 steps
+    for r in metric:
+        assert r["metric"] == "digits-fd" and r["nfe"] == 3 and r["num"] == 16 and math.isfinite(r["fd"]) and r["fd"] > 0
+        assert 0 <= r["precision"] <= 1 and 1 <= r["classes_seen"] <= 10
+    assert all("loss" in r for r in recs if "metric" not in r)
+    assert (tmp_path / "b" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "a" / "metrics.png").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "8", "--metric", "digits-fd"], r"--metric digits-fd: scores 16x16 grayscale digits .* 8x8x1"),
+    (["--metric", "fid"], r"--metric fid: needs --ref"),
+    (["--metric", "digits-fd", "--metric-num", "1"], r"--metric-num: expected at least 2 samples, got 1"),
+])
+def test_metric_refused_before_training(tmp_path, capsys, flags, message):
+    import re
+
+    from fdm_fast.train import main
+
+    rc = main(["--ds", "digits", "--kimg", "1", "--outdir", str(tmp_path), "--no-compile", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+    assert not list(tmp_path.glob("training-state-*.pt"))  # nothing trained

@@ -1,6 +1,9 @@
 """Which backends exist on this machine, and which one an op call runs on (docs/design.md 2.1).
 
-Default: CUDA tensor -> triton, else cuda, else torch; CPU tensor -> cpu, else torch. The
+Default: CUDA tensor -> cuda, else triton, else torch; CPU tensor -> cpu, else torch. The compiled
+``cuda`` ops come first because they cost less per call: on an H200 (2026-11-29, benchmarks/RESULTS.md)
+a call of the cuda backend took 1.8x-2.9x less time than the same triton op in each of the 20
+ops_bandwidth rows, both at tens of microseconds, where Triton's Python launch path is the cost. The
 ``backend=`` argument of every op, then the ``FDM_FAST_BACKEND`` environment variable, override the
 default. Asking for a backend that is not available is an error, never a silent fallback.
 """
@@ -108,7 +111,7 @@ def _select(device_type: str, backend: Optional[str], env: Optional[str]) -> str
         if why:
             raise ValueError(f"{source}={asked!r} is not available for {device.type} tensors: {why}")
         return asked
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
     for b in order:
         if not unavailable_reason(b, device):
             return b
