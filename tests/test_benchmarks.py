@@ -12,8 +12,10 @@ RUNS = {
     "ops_bandwidth.py": ["--sizes", "b64", "--dtypes", "fp32", "--ops", "perturb", "--no-compile", "--reps", "2"],
     "train_throughput.py": ["--steps", "1", "--warmup", "1", "--no-compile"],
     "sampler_speed.py": ["--speed-nfe", "3", "--nfe", "5", "--nfe-samples", "20", "--reps", "1"],
+    "fdm_claims.py": ["--quick"],
 }
-HEADERS = {"ops_bandwidth.py": "% copy BW", "train_throughput.py": "vs row above", "sampler_speed.py": "ms/NFE"}
+HEADERS = {"ops_bandwidth.py": "% copy BW", "train_throughput.py": "vs row above", "sampler_speed.py": "ms/NFE",
+           "fdm_claims.py": "speed-up (baseline kimg / that)"}
 
 
 def _status():

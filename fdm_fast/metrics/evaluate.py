@@ -70,7 +70,7 @@ class SampleEvaluator:
 
     def __init__(self, name: str, *, num: int = 500, steps: int = 9, batch: int = 250, device="cpu",
                  inception: Optional[str] = None, ref: Optional[str] = None, sampler: str = "heun",
-                 log=lambda *a: None):
+                 scorer=None, log=lambda *a: None):
         if name not in METRICS:
             raise MetricError(f"metric: expected one of {', '.join(METRICS)}, got {name!r}")
         if num < 2 or steps < 1 or batch < 1:
@@ -78,11 +78,15 @@ class SampleEvaluator:
         self.name, self.num, self.steps, self.batch, self.sampler = name, num, steps, batch, sampler
         self.device = torch.device(device)
         self.primary = METRICS[name]
+        if sampler not in ("heun", "euler", "dpm2m"):
+            raise MetricError(f"sampler: expected heun, euler or dpm2m, got {sampler!r}")
         if name == "digits-fd":
             from .digits import DigitsMetrics
 
-            with torch.random.fork_rng(devices=[]):
-                self.scorer = DigitsMetrics(log=log)
+            if scorer is None:
+                with torch.random.fork_rng(devices=[]):
+                    scorer = DigitsMetrics(log=log)
+            self.scorer = scorer  # a DigitsMetrics, shared between evaluators
         else:
             from ..fid import load_inception
 
