@@ -4,8 +4,9 @@
       per arm; quality (digits FD of the EMA network, lower is better) vs training kimg, mean and 95%
       interval over seeds; "kimg for the FDM arm to reach its baseline's final quality" and the ratio,
       with a bootstrap interval over seeds.
-  E2  momentum strength: FDM-EDM with fdm_multiplier m in {0.5, 1, 2, 4}, loss-weight warm-up on and
-      off: quality vs kimg and loss spikes (a tick's mean loss above 3x the median of the ticks before).
+  E2  momentum strength: FDM-EDM with fdm_multiplier m in {0.5, 1, 2, 4} (warm-up on, the recipe), and
+      m = 2 with the loss-weight warm-up off (--e2-full: every m without warm-up too): quality vs kimg
+      and loss spikes (a tick's mean loss above 3x the median of the ticks before).
   E3  sampling steps: quality vs NFE (Heun, Euler, DPM-Solver++(2M)) for the first seed's final model
       of every E1 arm: does FDM need fewer steps for the same quality?
 
@@ -154,20 +155,34 @@ def main(argv=None):
     ap.add_argument("--arms", nargs="+", default=["edm", "vp"], choices=list(PAIRS),
                     help="E1's baseline/FDM pairs (default: edm vp; ve adds VE vs FDM-VE)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per E1 arm (default 3)")
-    ap.add_argument("--kimg", type=float, default=30.0, help="training length of every run (default 30)")
-    ap.add_argument("--eval-every", type=float, default=5.0, help="kimg between evaluations (default 5)")
+    ap.add_argument("--kimg", type=float, default=24.0, help="training length of every run (default 24)")
+    ap.add_argument("--eval-every", type=float, default=4.0, help="kimg between evaluations (default 4)")
     ap.add_argument("--tick", type=float, default=0.512, help="kimg per loss point for spike detection (default 0.512)")
     ap.add_argument("--eval-num", type=int, default=300, help="samples per evaluation (default 300)")
     ap.add_argument("--eval-steps", type=int, default=9, help="Heun steps per evaluation (NFE 2 x steps - 1; default 9)")
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
                     help="E2's fdm_multiplier values (default 0.5 1 2 4; 2 is FDM-EDM's default)")
+    ap.add_argument("--e2-full", action="store_true", help="E2: every multiplier with the warm-up off too "
+                                                             "(default: m = 2 only)")
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 9, 17, 35], help="E3's NFE values (default 5 9 17 35)")
     ap.add_argument("--out", type=Path, help="write DIR/fdm_claims.json and the PNG plots (default: print only)")
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the PNGs of a finished run's "
+                                                                "fdm_claims.json (beside it, or in --out)")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    if args.replot:
+        try:
+            result = json.loads(args.replot.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--replot {args.replot}: not a readable fdm_claims.json ({e})")
+        saved = argparse.Namespace(**{**result["args"], "out": args.out or args.replot.parent})
+        saved.out.mkdir(parents=True, exist_ok=True)
+        plots(result, saved)
+        print(f"plots redrawn in {saved.out}")
+        return
     if args.quick:
         args.seeds, args.kimg, args.eval_every, args.tick = 1, 0.384, 0.192, 0.064
-        args.eval_num, args.eval_steps, args.multipliers, args.nfe = 40, 2, [1.0, 4.0], [3, 5]
+        args.eval_num, args.eval_steps, args.multipliers, args.nfe = 40, 2, [1.0, 2.0], [3, 5]
     for flag, v, ok in (("--seeds", args.seeds, args.seeds >= 1), ("--kimg", args.kimg, args.kimg > 0),
                         ("--eval-every", args.eval_every, 0 < args.eval_every <= args.kimg),
                         ("--eval-num", args.eval_num, args.eval_num >= 2), ("--eval-steps", args.eval_steps,
@@ -212,6 +227,8 @@ def main(argv=None):
         e2 = []
         for warm in (None, 0):
             for m in args.multipliers:
+                if warm == 0 and not args.e2_full and m != 2.0:
+                    continue
                 reuse = (warm is None and m == 2.0 and "fdm_edm" in e1)
                 r = e1["fdm_edm"][0] if reuse else train_arm("fdm_edm", 0, args, evaluator, multiplier=m, warmup=warm,
                                                              label=f"fdm_edm m={m:g} warm-up {'on' if warm is None else 'off'}")

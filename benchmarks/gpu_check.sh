@@ -82,7 +82,7 @@ $py -c "import xdist" 2>/dev/null && xdist="-n 8"
 R=(--results "$out/RESULTS_gpu.md")
 
 if [ "$mode" = "quick" ]; then
-  stage tests 60 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist tests/test_extension.py \
+  stage tests 60 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist tests/test_extension.py \
     tests/test_ops.py tests/test_sampling.py -k "(cuda and shape0 and dtype0 and not compile) or device_named or bad_input"
   stage bench 30 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" --sizes b64 \
     --dtypes fp32 --ops perturb --no-compile --reps 3
@@ -91,9 +91,9 @@ if [ "$mode" = "quick" ]; then
   stage sampler 30 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
     --preset digits --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1
 elif [ "$mode" = "a" ]; then
-  stage tests 100 "$out/tests.log" $py -m pytest -q -p no:cacheprovider $xdist -k "edm or gpu or cuda or graph or compile or device_named" \
+  stage tests 100 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist -k "edm or gpu or cuda or graph or compile or device_named" \
     tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
-  stage layouts 45 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=6 $py -m pytest -q -p no:cacheprovider $xdist \
+  stage layouts 45 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=6 $py -m pytest -v -p no:cacheprovider $xdist \
     tests/test_layouts.py tests/test_opcheck.py tests/test_sync_free.py
   stage sync 30 "$out/sync.log" $py benchmarks/sync_check.py --steps 10
   stage sync_triton 15 "$out/sync_triton.log" $py benchmarks/sync_check.py --steps 3 --backend triton

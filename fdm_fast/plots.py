@@ -22,6 +22,13 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + k * step for k in range(int((hi - start) / step + 1e-9) + 1)]
 
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks of a log axis (lo, hi in log10 units) at 1, 2 and 5 times powers of ten, in log10 units."""
+    out = [math.log10(m * 10.0 ** k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
+    out = [t for t in out if lo - 1e-9 <= t <= hi + 1e-9]
+    return out if len(out) >= 2 else _ticks(lo, hi)
+
+
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
@@ -68,13 +75,13 @@ def line_plot(path: str, series: Sequence[dict], *, title: str = "", xlabel: str
         return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
 
     d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
-    for t in _ticks(x0, x1):
+    for t in (_log_ticks(x0, x1) if logx else _ticks(x0, x1)):
         X, _ = px(t, y0)
         d.line([X, H - bottom, X, H - bottom + 4], fill=(0, 0, 0))
         d.line([X, top, X, H - bottom], fill=(0, 0, 0, 25))
         label = _fmt(10 ** t if logx else t)
         d.text((X - 3 * len(label), H - bottom + 6), label, fill=(0, 0, 0), font=font)
-    for t in _ticks(y0, y1):
+    for t in (_log_ticks(y0, y1) if logy else _ticks(y0, y1)):
         _, Y = px(x0, t)
         d.line([left - 4, Y, left, Y], fill=(0, 0, 0))
         d.line([left, Y, W - right, Y], fill=(0, 0, 0, 25))
