@@ -162,7 +162,8 @@ def nfe_fid(args, device, extractor=None):
     """FID vs NFE per sampler for a trained snapshot against reference statistics (fdm_fast.fid)."""
     import numpy as np
 
-    from fdm_fast.fid import features, frechet_distance, load_inception, statistics
+    from fdm_fast.metrics import frechet_distance, statistics
+    from fdm_fast.metrics.inception import features, load_inception
     from fdm_fast.snapshots import load_snapshot
 
     net = load_snapshot(str(args.network), device)
@@ -237,7 +238,7 @@ def main(argv=None):
     speed_args = argparse.Namespace(**vars(args))
     speed_args.nfe = args.speed_nfe or (args.nfe if device.type == "cuda" else [13, 35])
     if args.network is not None:  # fail early, before minutes of timing, if the FID study cannot run
-        from fdm_fast.fid import FIDError, inception_weights
+        from fdm_fast.metrics.inception import FIDError, inception_weights
 
         try:
             if args.ref is None or not args.ref.is_file():

@@ -39,7 +39,7 @@ def check_metric(name: str, *, resolution: int, channels: int, inception: Option
         raise MetricError(f"--metric digits-fd: scores 16x16 grayscale digits (--ds digits); this data is "
                           f"{resolution}x{resolution}x{channels}: use --metric fid")
     if name == "fid":
-        from ..fid import FIDError, inception_weights
+        from .inception import FIDError, inception_weights
 
         if not ref:
             raise MetricError("--metric fid: needs --ref, the dataset's reference statistics "
@@ -88,7 +88,7 @@ class SampleEvaluator:
                     scorer = DigitsMetrics(log=log)
             self.scorer = scorer  # a DigitsMetrics, shared between evaluators
         else:
-            from ..fid import load_inception
+            from .inception import load_inception
 
             self.ref = _load_ref(ref)
             self.extractor = load_inception(inception, self.device)
@@ -127,7 +127,7 @@ class SampleEvaluator:
                 if self.name == "digits-fd":
                     values = self.scorer.evaluate(images)
                 else:
-                    from ..fid import features
+                    from .inception import features
 
                     u8 = (images.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
                     feats = features(self.extractor, (u8[i:i + self.batch] for i in range(0, len(u8), self.batch)),
