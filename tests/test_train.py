@@ -344,3 +344,22 @@ def test_metric_refused_before_training(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert rc == 2 and re.search(message, err), err
     assert not list(tmp_path.glob("training-state-*.pt"))  # nothing trained
+
+
+def test_metric_fid_without_inception_weights_refused_before_training(tmp_path, capsys, monkeypatch):
+    from fdm_fast.train import main
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4))
+    monkeypatch.delenv("FDM_FAST_INCEPTION", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no cached weights either
+    rc = main(["--ds", "digits", "--kimg", "1", "--outdir", str(tmp_path / "run"), "--no-compile",
+               "--metric", "fid", "--ref", str(ref)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--metric fid: FID needs the Inception-v3 weights" in err, err
+    assert not list((tmp_path / "run").glob("training-state-*.pt"))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    rc = main(["--ds", "digits", "--kimg", "1", "--outdir", str(tmp_path / "run"), "--no-compile",
+               "--metric", "fid", "--ref", str(bad)])
+    assert rc == 2 and f"--ref {bad}: not reference statistics" in capsys.readouterr().err
