@@ -34,7 +34,7 @@ from _harness import add_results_arg, append_results, machine_name, print_table,
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
-from fdm_fast.sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler  # noqa: E402
+from fdm_fast.sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler, ipndm  # noqa: E402
 from fdm_fast.schedules import edm_time_steps  # noqa: E402
 
 
@@ -128,11 +128,13 @@ def nfe_analytic(args):
     ref = edm_sampler(gmm, seeds, num_steps=500, device="cpu").double()
     ref_comp = gmm.component(ref)
     m, cov = gmm.moments()
-    for sampler in ("heun", "euler", "dpm++2m"):
+    for sampler in ("heun", "euler", "dpm++2m", "ipndm"):
         for nfe in args.nfe:
             steps = (nfe + 1) // 2 if sampler == "heun" else nfe
             if sampler == "dpm++2m":
                 x = dpm_solver_pp_2m(gmm, seeds, num_steps=steps, device="cpu").double()
+            elif sampler == "ipndm":
+                x = ipndm(gmm, seeds, num_steps=steps, device="cpu").double()
             else:
                 x = edm_sampler(gmm, seeds, num_steps=steps, heun=sampler == "heun", device="cpu").double()
             flat = x.reshape(len(seeds), -1)
@@ -153,6 +155,8 @@ def _samples_uint8(net, sampler, steps, num, batch, device):
         seeds = list(range(i, min(i + batch, num)))
         if sampler == "dpm++2m":
             x = dpm_solver_pp_2m(net, seeds, num_steps=steps, device=device)
+        elif sampler == "ipndm":
+            x = ipndm(net, seeds, num_steps=steps, device=device)
         else:
             x = edm_sampler(net, seeds, num_steps=steps, heun=sampler == "heun", device=device)
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -170,7 +174,7 @@ def nfe_fid(args, device, extractor=None):
     extractor = extractor or load_inception(args.inception, device)
     ref = np.load(args.ref)
     rows = []
-    for sampler in ("heun", "euler", "dpm++2m"):
+    for sampler in ("heun", "euler", "dpm++2m", "ipndm"):
         for nfe in args.nfe:
             steps = (nfe + 1) // 2 if sampler == "heun" else nfe
             feats = features(extractor, _samples_uint8(net, sampler, steps, args.fid_num, args.batch[0], device),
@@ -198,7 +202,7 @@ def plot(rows, path):
     axes[0].set(xlabel="NFE", ylabel="images / s", title=f"speed, batch {sp[0]['batch'] if sp else ''}")
     axes[0].legend()
     nf = [r for r in rows if r["kind"] == "nfe"]
-    for s in ("heun", "euler", "dpm++2m"):
+    for s in ("heun", "euler", "dpm++2m", "ipndm"):
         pts = sorted((r["nfe"], r["median_err"], r["p90_err"]) for r in nf if r["sampler"] == s)
         if pts:
             n, med, p90 = zip(*pts)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from . import ops
-from .sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler
+from .sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler, ipndm
 from .distributed import init_distributed
 from .images import save_grid
 from .snapshots import SnapshotError, load_snapshot
@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--network", required=True, help="a network-snapshot-*.pt of fdm_fast.train")
     ap.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-49999 or 1,5,7-9 (default 0-63)")
     ap.add_argument("--steps", type=int, default=18, help="sampler steps N (Heun: NFE = 2N - 1; default 18)")
-    ap.add_argument("--sampler", default="heun", choices=["heun", "euler", "dpm2m"],
-                    help="EDM Heun (NFE 2N-1), Euler (NFE N) or DPM-Solver++(2M) (NFE N); default heun")
+    ap.add_argument("--sampler", default="heun", choices=["heun", "euler", "dpm2m", "ipndm"],
+                    help="EDM Heun (NFE 2N-1), Euler (NFE N), DPM-Solver++(2M) (NFE N) or iPNDM (4th-order "
+                         "Adams-Bashforth, NFE N); default heun")
     ap.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity (EDM's S_churn; default 0)")
     ap.add_argument("--S-min", dest="S_min", type=float, default=0.0)
     ap.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     if args.compile if args.compile is not None else device.type == "cuda":
         net.model = torch.compile(net.model)
     use_graph = args.cuda_graph if args.cuda_graph is not None else device.type == "cuda"
-    if args.sampler == "dpm2m":
-        sampler = dpm_solver_pp_2m
+    if args.sampler in ("dpm2m", "ipndm"):
+        sampler = dpm_solver_pp_2m if args.sampler == "dpm2m" else ipndm
         kw = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                   device=device, net_dtype=kw["net_dtype"])
     else:

@@ -3,6 +3,7 @@ Gaussian-mixture denoiser; per-seed invariance; moments at high NFE."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +140,7 @@ def test_dpm_solver_pp_2m_matches_independent_implementation(name):
     ("edm_sampler", dict(heun=False)),                # Euler
     ("edm_sampler", dict(heun=False, S_churn=10)),    # Euler with churn
     ("dpm_solver_pp_2m", dict()),
+    ("ipndm", dict()),
 ])
 @pytest.mark.parametrize("label_dim", [0, 10])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -179,3 +181,69 @@ def test_device_named_without_its_index(spelled):
     seeds = torch.arange(3, device=canonical)
     assert torch.equal(ops.randn([3, 5], seed=seeds, device=spelled), ops.randn([3, 5], seed=seeds, device=canonical))
     assert ops.canonical_device("meta") == torch.device("meta")
+
+
+# ------------------------------------------------------------------------------------------------
+# iPNDM (issue 13, first solver): Adams-Bashforth weights derived here, order measured, and the
+# sampler against an independent float64 implementation.
+
+
+def _adams_bashforth(k):
+    """Weights w_0..w_{k-1} (newest first) making sum_j w_j p(-j) = integral_0^1 p exact for every
+    polynomial p of degree < k: the k-step Adams-Bashforth rule, derived here, not read from the code."""
+    A = np.array([[float((-j) ** m) for j in range(k)] for m in range(k)])
+    return np.linalg.solve(A, np.array([1.0 / (m + 1) for m in range(k)]))
+
+
+def test_ipndm_weights_are_adams_bashforth_and_reach_their_order():
+    from fdm_fast.sampling import ADAMS_BASHFORTH, ipndm_step
+
+    for k in range(1, 5):
+        np.testing.assert_allclose(ADAMS_BASHFORTH[k], _adams_bashforth(k), rtol=0, atol=1e-14)
+    # y' = cos(s) on [0, 2] in N equal steps from exact past slopes: the global error falls as h^k
+    for k in range(1, 5):
+        errs = []
+        for N in (20, 40, 80):
+            h = 2.0 / N
+            y = torch.zeros((), dtype=torch.float64)
+            for n in range(N):
+                slopes = [torch.tensor(math.cos((n - j) * h), dtype=torch.float64) for j in range(k)]
+                y = ipndm_step(y, slopes, n * h, (n + 1) * h)
+            errs.append(abs(float(y) - math.sin(2.0)))
+        orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+        assert all(abs(o - k) < 0.25 for o in orders), (k, errs, orders)
+
+
+def reference_ipndm(gmm, seeds, num_steps, max_order, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """iPNDM from its definition in float64: EDM's sigma steps, slopes (x - D) / sigma, the k-step
+    Adams-Bashforth rule on the last k slopes, k = min(step + 1, max_order)."""
+    p = gmm.precond
+    sigma_min, sigma_max = max(sigma_min, p.sigma_min), min(sigma_max, p.sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    seeds = torch.as_tensor(seeds)
+    x = ops.randn((len(seeds), *gmm.shape), seed=seeds, offset=0, backend="torch").double() * t[0]
+    history = []
+    for n in range(num_steps):
+        history.insert(0, (x - gmm.denoise(x, t[n])) / t[n])
+        k = min(n + 1, max_order)
+        w = _adams_bashforth(k)
+        x = x + (t[n + 1] - t[n]) * sum(float(w[j]) * history[j] for j in range(k))
+    return x
+
+
+@pytest.mark.parametrize("name", schedules.PRECONDS)
+@pytest.mark.parametrize("max_order", [2, 4])
+def test_ipndm_matches_float64_definition(name, max_order):
+    from fdm_fast.sampling import ipndm
+
+    gmm = GaussianMixtureDenoiser.random(k=5, shape=(1, 3, 3), seed=2, precond=name)
+    seeds = list(range(7))
+    got = ipndm(gmm, seeds, num_steps=12, max_order=max_order, device="cpu")
+    want = reference_ipndm(gmm, seeds, 12, max_order)
+    assert got.dtype == torch.float32
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-4, err
+    with pytest.raises(ValueError, match=r"max_order: expected 1, 2, 3 or 4, got 5"):
+        ipndm(gmm, seeds, num_steps=4, max_order=5, device="cpu")
