@@ -71,5 +71,5 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
                               fid_num=24, batch=[12])
     rows = sampler_speed.nfe_fid(args, torch.device("cpu"), extractor=stand_in)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("heun", 3), ("heun", 5), ("euler", 3), ("euler", 5),
-                                                        ("dpm++2m", 3), ("dpm++2m", 5)]
+                                                        ("dpm++2m", 3), ("dpm++2m", 5), ("ipndm", 3), ("ipndm", 5)]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
