@@ -17,9 +17,29 @@ from . import ops
 from .schedules import edm_time_steps
 
 
-def _gammas(t: torch.Tensor, num_steps: int, S_churn: float, S_min: float, S_max: float) -> list:
+def _gammas(t: Sequence[float], num_steps: int, S_churn: float, S_min: float, S_max: float) -> list:
     g = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
     return [g if S_min <= float(t[i]) <= S_max else 0.0 for i in range(num_steps)]
+
+
+def _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend):
+    """(device, seeds, batch size, precond, time steps as floats ending at 0, x at t[0]) of a sampler."""
+    device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device
+    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+    B = seeds.numel()
+    shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    p = denoiser.precond
+    t = [float(v) for v in edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=p)]
+    x = t[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend)
+    return device, seeds, B, p, t, x
+
+
+def _denoised(denoiser, p, x, s: float, seeds, B: int, device, class_labels, net_dtype, backend) -> torch.Tensor:
+    """D(x, s) in float32: the net input from the fused churn op (t_hat = t_cur: c_in x in one pass)."""
+    _, net_in = ops.churn(x, s, s, p, seed=seeds, net_dtype=net_dtype, backend=backend)
+    F = denoiser.raw(net_in, torch.full((B,), s, device=device), class_labels).to(torch.float32)
+    c_skip, c_out, _, _ = p.coefficients(torch.tensor(s, dtype=torch.float64))
+    return float(c_skip) * x + float(c_out) * F
 
 
 @torch.no_grad()
@@ -33,20 +53,11 @@ def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_step
 
     ``heun=False`` gives Euler (NFE = num_steps); Heun has NFE = 2 num_steps - 1.
     """
-    device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device
-    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
-    B = seeds.numel()
-    shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-    per = math.prod(shape[1:])
-    stride = (per + 3) // 4  # counters one image's noise uses
-    p = denoiser.precond
-    t = edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=p,
-                       dtype=torch.float64)
-    gam = _gammas(t, num_steps, S_churn, S_min, S_max)
-    ts = [float(v) for v in t]
+    device, seeds, B, p, ts, x = _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend)
+    stride = (math.prod(x.shape[1:]) + 3) // 4  # counters one image's noise uses
+    gam = _gammas(ts, num_steps, S_churn, S_min, S_max)
     kw = dict(net_dtype=net_dtype, backend=backend)
 
-    x = ts[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend)
     t_hat = ts[0] * (1 + gam[0])
     x_hat, net_in = ops.churn(x, ts[0], t_hat, p, seed=seeds, offset=stride, S_noise=S_noise, **kw)
     for i in range(num_steps):
@@ -71,26 +82,6 @@ def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_step
             x_hat = x_eul
         t_hat = t_hat_next if churn_next else t_next
     return x_hat
-
-
-def _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend):
-    """(device, seeds, batch size, precond, time steps as floats ending at 0, x at t[0]) of a sampler."""
-    device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device
-    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
-    B = seeds.numel()
-    shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-    p = denoiser.precond
-    t = [float(v) for v in edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=p)]
-    x = t[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend)
-    return device, seeds, B, p, t, x
-
-
-def _denoised(denoiser, p, x, s: float, seeds, B: int, device, class_labels, net_dtype, backend) -> torch.Tensor:
-    """D(x, s) in float32: the net input from the fused churn op (t_hat = t_cur: c_in x in one pass)."""
-    _, net_in = ops.churn(x, s, s, p, seed=seeds, net_dtype=net_dtype, backend=backend)
-    F = denoiser.raw(net_in, torch.full((B,), s, device=device), class_labels).to(torch.float32)
-    c_skip, c_out, _, _ = p.coefficients(torch.tensor(s, dtype=torch.float64))
-    return float(c_skip) * x + float(c_out) * F
 
 
 @torch.no_grad()

@@ -585,8 +585,8 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                   stop_after_steps: Optional[int] = None) -> dict:
     """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests)."""
     log = (lambda *a: print(*a, flush=True)) if rank == 0 and not quiet else (lambda *a: None)
-    device = ops.canonical_device(device)
     run = setup(o, rank=rank, world=world, device=device, log=log)
+    device = run.device  # canonical ("cuda" -> "cuda:0")
     dataset, config, net, ema = run.dataset, run.config, run.net, run.ema
 
     if rank == 0:

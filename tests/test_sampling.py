@@ -15,14 +15,18 @@ from fdm_fast.sampling import edm_sampler
 BACKENDS = ["torch"] + (["cpu"] if HAS_CPU_EXT else [])
 
 
-def reference_sampler(gmm, seeds, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
-                      S_max=float("inf"), S_noise=1.0):
-    """EDM's sampler written from docs/design.md 1.3 in float64, eager, with the contract's noise."""
-    p = gmm.precond
+def reference_steps(p, num_steps, sigma_min, sigma_max, rho):
+    """EDM's sigma steps (docs/design.md 1.3) in float64, clipped to the preconditioning's range, then 0."""
     sigma_min, sigma_max = max(sigma_min, p.sigma_min), min(sigma_max, p.sigma_max)
     i = torch.arange(num_steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def reference_sampler(gmm, seeds, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
+                      S_max=float("inf"), S_noise=1.0):
+    """EDM's sampler written from docs/design.md 1.3 in float64, eager, with the contract's noise."""
+    t = reference_steps(gmm.precond, num_steps, sigma_min, sigma_max, rho)
     seeds = torch.as_tensor(seeds)
     shape = (len(seeds), *gmm.shape)
     stride = (math.prod(gmm.shape) + 3) // 4
@@ -217,11 +221,7 @@ def test_ipndm_weights_are_adams_bashforth_and_reach_their_order():
 def reference_ipndm(gmm, seeds, num_steps, max_order, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """iPNDM from its definition in float64: EDM's sigma steps, slopes (x - D) / sigma, the k-step
     Adams-Bashforth rule on the last k slopes, k = min(step + 1, max_order)."""
-    p = gmm.precond
-    sigma_min, sigma_max = max(sigma_min, p.sigma_min), min(sigma_max, p.sigma_max)
-    i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    t = reference_steps(gmm.precond, num_steps, sigma_min, sigma_max, rho)
     seeds = torch.as_tensor(seeds)
     x = ops.randn((len(seeds), *gmm.shape), seed=seeds, offset=0, backend="torch").double() * t[0]
     history = []
