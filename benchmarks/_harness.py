@@ -34,14 +34,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int = 2, log=None):
+def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int = 2, log=None, deadline=None,
+                     info: dict | None = None):
     """{name: (median seconds, first-call seconds)} with the calls of all ``fns`` interleaved round-robin,
     so that a slow phase of a shared machine (another tenant, frequency changes) hits every
     implementation alike instead of whichever ran then. First calls (compilation) are timed apart.
-    ``log`` (e.g. print) hears of each first call and phase as it ends: a run cut short still says how far it got."""
-    first, times = {}, {k: [] for k in fns}
-    t_start = time.perf_counter()
+    ``log`` (e.g. print) hears of each first call and phase as it ends: a run cut short still says how far it got.
+
+    ``deadline`` (a time.perf_counter() value) bounds the run for a caller with a hard time limit: a fn
+    whose first call would start after it is left out of the result (the caller reports it as
+    skipped), and warm-up and timing rounds stop when the next round would end after it, so the
+    result has fewer repetitions (at least one round) instead of being lost; ``info['rounds']`` (when
+    given a dict) says how many rounds were timed."""
+    first, t_start = {}, time.perf_counter()
     for k, fn in fns.items():
+        if deadline is not None and time.perf_counter() >= deadline:
+            if log:
+                log(f"  {k}: skipped (time budget spent before its first call)")
+            continue
         sync(device)
         t0 = time.perf_counter()
         fn()
@@ -49,13 +59,30 @@ def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int 
         first[k] = time.perf_counter() - t0
         if log:
             log(f"  first call of {k}: {first[k]:.2f} s")
+    fns = {k: fns[k] for k in first}
+    times = {k: [] for k in fns}
+
+    def room(round_s: float) -> bool:
+        return deadline is None or time.perf_counter() + round_s < deadline
+
+    round_s = 0.0
     for _ in range(warmup):
+        if not room(round_s):
+            break
+        t0 = time.perf_counter()
         for fn in fns.values():
             fn()
+        sync(device)
+        round_s = time.perf_counter() - t0
     sync(device)
     if log:
         log(f"  warm-up done at {time.perf_counter() - t_start:.1f} s; timing {reps} interleaved rounds")
-    for _ in range(reps):
+    for r in range(reps):
+        if r and not room(round_s):
+            if log:
+                log(f"  time budget: stopped after {r} of {reps} rounds")
+            break
+        t_round = time.perf_counter()
         for k, fn in fns.items():
             if device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,7 +95,15 @@ def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int 
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
+        round_s = time.perf_counter() - t_round
+        if info is not None:
+            info["rounds"] = r + 1
     return {k: (statistics.median(v), first[k]) for k, v in times.items()}
+
+
+def deadline_after(seconds) -> float | None:
+    """The ``deadline`` for time_interleaved of a ``--time-budget`` option (None: no budget)."""
+    return None if seconds is None else time.perf_counter() + seconds
 
 
 def time_graphed(fns: dict, device: torch.device, *, calls: int, reps: int = 20, log=print) -> dict:

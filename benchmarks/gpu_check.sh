@@ -15,9 +15,14 @@
 #        device time, fraction of the measured copy bandwidth), train_throughput.py ablation rows at
 #        32x32 (CIFAR-10 config, batch 128, no compile rows: cuDNN's autotuning alone costs 10-20 s per
 #        row's first step), sampler_speed.py (64x64 DDPM++, batch 64, NFE 35)
-#   b      (GPU_CHECK_MODE=b, stage limits sum to 560 s): the compile-heavy rows: train_throughput.py at
-#          64x64 (FFHQ config, batch 64) with its torch.compile rows, sampler_speed.py at batch 1 and 8
-#          (each batch size is another compilation of the UNet: about a minute)
+#   b      (GPU_CHECK_MODE=b, stage limits sum to 560 s): the headline speed targets: train_throughput.py
+#          at 64x64 (FFHQ config, batch 64) with its torch.compile rows, then sampler_speed.py at batch 64
+#          (64x64 DDPM++, NFE 35)
+#   c      (GPU_CHECK_MODE=c, stage limits sum to 300 s; what is left of a session after b):
+#          sampler_speed.py at batch 1, ops_bandwidth.py with device time, the CUDA-graph and dispatch tests
+# Every part begins with the build and benchmarks/ext_probe.py (the crash of a C++ argument error seen
+# on the H200). The benchmarks get a --time-budget a little under their stage's limit, so a slow
+# compile costs repetitions or rows, reported as such, instead of the whole table.
 # Logs, JSON and RESULTS_gpu.md (rows to append to benchmarks/RESULTS.md) end up in
 # OUTDIR/gpu_check.tar.gz, packed again after every stage so that a run cut short still returns what it
 # measured. A failed stage is recorded and the rest run, except after a failed build, which ends the
@@ -36,7 +41,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the be
 py=${PYTHON:-python3}
 mode=${GPU_CHECK_MODE:-a}
 [ "${GPU_CHECK_QUICK:-0}" = "1" ] && mode=quick
-case "$mode" in quick|a|b) ;; *) echo "GPU_CHECK_MODE: expected quick, a or b, got $mode" >&2; exit 2;; esac
+case "$mode" in quick|a|b|c) ;; *) echo "GPU_CHECK_MODE: expected quick, a, b or c, got $mode" >&2; exit 2;; esac
 summary="$out/summary.txt"
 : > "$summary"
 
@@ -74,12 +79,13 @@ stage build 60 "$out/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST
   FDM_FAST_EXT_REQUIRED=1 $py setup.py build_ext --inplace \
   || { echo "build failed: check stopped" | tee -a "$summary"; grep -m 20 -E "error|Error" "$out/build.log" \
        | tee -a "$summary"; pack; exit 1; }
-$py -c "import fdm_fast.ops as o; print('backends on cuda:', o.available_backends('cuda'), '| cpu:', o.available_backends('cpu'))" \
+$py -c "import fdm_fast.ops as o; print('backends on cuda:', o.available_backends('cuda'), 'default:', o.select_backend('cuda'), '| cpu:', o.available_backends('cpu'))" \
   2>&1 | tee -a "$summary"
 # pytest-xdist (in the device image) replaces a crashed worker instead of ending the run
 xdist=""
 $py -c "import xdist" 2>/dev/null && xdist="-n 8"
 R=(--results "$out/RESULTS_gpu.md")
+stage probe 40 "$out/probe.log" $py benchmarks/ext_probe.py
 
 if [ "$mode" = "quick" ]; then
   stage tests 60 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist tests/test_extension.py \
@@ -103,11 +109,18 @@ elif [ "$mode" = "a" ]; then
     "${R[@]}" --preset cifar --batch 128 --steps 5 --warmup 1 --no-compile
   stage sampler 110 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
     --batch 64 --speed-nfe 35 --nfe 13 35 --nfe-samples 500 --reps 3
-else
+elif [ "$mode" = "b" ]; then
   stage train_ffhq 330 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
-    "${R[@]}" --preset ffhq64 --batch 64 --steps 5 --warmup 1
-  stage sampler_small 165 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
-    --batch 1 8 --speed-nfe 35 --nfe 35 --nfe-samples 200 --reps 5
+    "${R[@]}" --preset ffhq64 --batch 64 --steps 5 --warmup 1 --time-budget 310
+  stage sampler 130 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
+    --batch 64 --speed-nfe 35 --no-nfe-study --reps 3 --time-budget 115
+else
+  stage sampler_b1 100 "$out/sampler_b1.log" $py benchmarks/sampler_speed.py --out "$out/sampler_b1" "${R[@]}" \
+    --batch 1 --speed-nfe 35 --no-nfe-study --reps 5 --time-budget 85
+  stage bench 100 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
+    --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun
+  stage graphs 60 "$out/graphs.log" $py -m pytest -v -p no:cacheprovider $xdist -k "graph or dispatch or default" \
+    tests/test_sampling.py tests/test_errors_dispatch.py
 fi
 echo "done" | tee -a "$summary"
 pack

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import add_results_arg, append_results, machine_name, print_table, time_interleaved  # noqa: E402
+from _harness import (add_results_arg, append_results, deadline_after, machine_name, print_table,  # noqa: E402
+                      time_interleaved)
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
@@ -99,12 +100,12 @@ def speed(args, device):
                     return holder["g"](seeds)
                 variants["fused+compile+graph"] = graphed
             print(f"batch {batch}, NFE {2 * steps - 1}:", flush=True)
-            timed = time_interleaved(variants, device, reps=args.reps, warmup=0, log=lambda m: print(m, flush=True))
-            for name in variants:
-                t, first = timed[name]
+            timed = time_interleaved(variants, device, reps=args.reps, warmup=0, log=lambda m: print(m, flush=True),
+                                     deadline=args.deadline, info=(info := {}))
+            for name, (t, first) in timed.items():
                 rows.append(dict(kind="speed", network=desc, batch=batch, nfe=2 * steps - 1, variant=name,
                                  seconds=t, img_per_s=batch / t, ms_per_nfe=1e3 * t / (2 * steps - 1),
-                                 first_call_s=first))
+                                 first_call_s=first, reps=info.get("rounds", 0)))
     # step overhead with a trivial network at 64x3x64x64
     triv = build_denoiser(dict(cfg, img_resolution=64, img_channels=3, network=dict(cfg["network"], channel_mult=(1,))))
     triv.model = Zero()
@@ -113,11 +114,11 @@ def speed(args, device):
     timed = time_interleaved({
         "official": lambda: official_sampler(triv, torch.randn(batch, 3, 64, 64, device=device), steps),
         "fused": lambda: edm_sampler(triv, list(range(batch)), num_steps=steps, device=device)}, device,
-        reps=args.reps, warmup=0)
+        reps=args.reps, warmup=0, deadline=args.deadline, info=(info := {}))
     for name, (t, first) in timed.items():
         rows.append(dict(kind="overhead", network="F = 0 (sampler only), 64x3x64x64", batch=batch, nfe=2 * steps - 1,
                          variant=name, seconds=t, img_per_s=batch / t, ms_per_nfe=1e3 * t / (2 * steps - 1),
-                         first_call_s=first))
+                         first_call_s=first, reps=info.get("rounds", 0)))
     return rows
 
 
@@ -233,8 +234,13 @@ def main(argv=None):
     ap.add_argument("--ref", type=Path, default=None, help="reference statistics .npz for the FID study")
     ap.add_argument("--inception", default=None, help="Inception-v3 weights for the FID study (see fdm_fast.fid)")
     ap.add_argument("--fid-num", type=int, default=10000, help="images per FID point (default 10000)")
+    ap.add_argument("--no-nfe-study", action="store_true", help="the speed part only (skip the analytic NFE study)")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="S",
+                    help="end the speed part within about S seconds: variants not started by then are left out "
+                         "and fewer repetitions are timed (at least one), instead of losing the run")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    args.deadline = deadline_after(args.time_budget)
     device = torch.device(args.device)
     args.batch = args.batch or [64]
     args.reps = args.reps or (10 if device.type == "cuda" else 3)
@@ -250,17 +256,17 @@ def main(argv=None):
             inception_weights(args.inception)
         except FIDError as e:
             raise SystemExit(f"error: {e}")
-    rows = speed(speed_args, device) + nfe_analytic(args)
+    rows = speed(speed_args, device) + ([] if args.no_nfe_study else nfe_analytic(args))
     if args.network is not None:
         rows += nfe_fid(args, device)
     machine = machine_name(device)
     print(machine)
-    header = ["kind", "what", "batch", "NFE", "variant", "img/s", "ms/NFE", "first call s"]
+    header = ["kind", "what", "batch", "NFE", "variant", "img/s", "ms/NFE", "first call s", "reps"]
     table = []
     for r in rows:
         if r["kind"] in ("speed", "overhead"):
             table.append([r["kind"], r["network"], str(r["batch"]), str(r["nfe"]), r["variant"],
-                          f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}"])
+                          f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}", str(r["reps"])])
     print_table(header, table)
     for kind in ("overhead", "speed"):
         by = {(r["batch"], r["nfe"], r["variant"]): r["seconds"] for r in rows if r["kind"] == kind}
@@ -272,8 +278,9 @@ def main(argv=None):
     ntable = [[r["sampler"], str(r["nfe"]), f"{r['median_err']:.2e}", f"{r['p90_err']:.2e}",
                f"{r['switched']}/{args.nfe_samples}", f"{r['rms_to_reference']:.2e}", f"{r['mean_err']:.3f}",
                f"{r['cov_err']:.3f}"] for r in rows if r["kind"] == "nfe"]
-    print("\nanalytic Gaussian mixture (6 components, 3x4x4):")
-    print_table(nheader, ntable)
+    if ntable:
+        print("\nanalytic Gaussian mixture (6 components, 3x4x4):")
+        print_table(nheader, ntable)
     ftable = [[r["sampler"], str(r["nfe"]), f"{r['fid']:.2f}", str(r["images"])] for r in rows if r["kind"] == "fid"]
     if ftable:
         print(f"\nFID vs NFE ({args.network}):")
@@ -290,12 +297,13 @@ def main(argv=None):
         append_results("sampler_speed: speed", header, table, [f"Machine: {machine}", f"Command: {cmd}",
                                                                 "official = EDM's float64 op-by-op sampler; fused = "
                                                                 "fdm_fast.sampling on the fused step ops"], path=args.results)
-        append_results("sampler_speed: NFE on the analytic mixture", nheader, ntable,
-                       [f"Machine: {machine}", f"Command: {cmd}",
-                        f"precond {args.precond}; {args.nfe_samples} samples; the reference solution is Heun "
-                        "with 500 steps from the same noise; err = per-sample RMS distance to it; switched = "
-                        "samples whose most likely mixture component differs from the reference's"],
-                       path=args.results)
+        if ntable:
+            append_results("sampler_speed: NFE on the analytic mixture", nheader, ntable,
+                           [f"Machine: {machine}", f"Command: {cmd}",
+                            f"precond {args.precond}; {args.nfe_samples} samples; the reference solution is Heun "
+                            "with 500 steps from the same noise; err = per-sample RMS distance to it; switched = "
+                            "samples whose most likely mixture component differs from the reference's"],
+                           path=args.results)
         if ftable:
             append_results("sampler_speed: FID vs NFE", ["sampler", "NFE", "FID", "images"], ftable,
                            [f"Machine: {machine}", f"Command: {cmd}", f"network {args.network}, reference {args.ref}"],

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import add_results_arg, append_results, machine_name, print_table, time_interleaved  # noqa: E402
+from _harness import (add_results_arg, append_results, deadline_after, machine_name, print_table,  # noqa: E402
+                      time_interleaved)  # noqa: E402
 
 from fdm_fast import ops, train  # noqa: E402
 from fdm_fast.data import open_dataset  # noqa: E402
@@ -129,8 +130,12 @@ def main(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="include the torch.compile rows (default: on; compile time is reported apart)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--time-budget", type=float, default=None, metavar="S",
+                    help="finish within about S seconds: rows not started by then are reported as skipped, and "
+                         "fewer timed steps are taken (at least one per row) instead of losing the run")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    deadline = deadline_after(None if args.time_budget is None else args.time_budget - 15)  # 15 s: peak memory, table
     for flag, v in (("--batch", args.batch), ("--steps", args.steps or 1), ("--warmup", args.warmup + 1)):
         if v < 1:
             ap.error(f"{flag}: expected a positive integer, got {v}")
@@ -167,10 +172,11 @@ def main(argv=None):
 
     variants["fdm_fast train_step"] = real
     print(f"rows built at {time.perf_counter() - t0:.1f} s", flush=True)
-    timed = time_interleaved(variants, device, reps=steps, warmup=args.warmup, log=lambda m: print(m, flush=True))
+    timed = time_interleaved(variants, device, reps=steps, warmup=args.warmup, log=lambda m: print(m, flush=True),
+                             deadline=deadline, info=(info := {}))
     peak = {}
     for k, fn in variants.items():  # peak memory of one more step of each row
-        if cuda:
+        if cuda and k in timed:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             fn()
@@ -184,6 +190,9 @@ def main(argv=None):
     header = ["row", "img/s", "ms/step", "peak MiB", "vs row above", "vs official", "first step s"]
     rows, prev, base = [], None, timed["official"][0]
     for k in variants:
+        if k not in timed:
+            rows.append([k, "skipped (time budget)", *["-"] * 5])
+            continue
         t, first = timed[k]
         rows.append([k, f"{args.batch / t:.1f}", f"{t * 1e3:.1f}", peak[k], f"{prev / t:.2f}x" if prev else "-",
                      f"{base / t:.2f}x", f"{first:.1f}"])
@@ -191,7 +200,7 @@ def main(argv=None):
     print(f"{machine}\n{desc}, batch {args.batch}, precond {args.precond}, backend {ops.select_backend(device)}")
     print_table(header, rows)
     notes = [f"Machine: {machine}", f"Command: `python benchmarks/train_throughput.py {' '.join(argv or sys.argv[1:])}`",
-             f"{desc}, batch {args.batch}; rows add one change each (see the script's header); {steps} interleaved "
+             f"{desc}, batch {args.batch}; rows add one change each (see the script's header); {info['rounds']} interleaved "
              f"timed steps per row after {args.warmup} warm-up; peak memory: one extra step per row"]
     if args.results:
         append_results("train_throughput", header, rows, notes, path=args.results)

@@ -41,3 +41,30 @@ def test_benchmark_prints_headers_and_writes_nothing_by_default(script, tmp_path
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and out.read_text().count("| ") > 3, r.stderr[-2000:]
     assert _status() == before
+
+
+def test_time_budget_skips_late_rows_and_keeps_the_timed_ones():
+    # a benchmark near its stage's hard limit reports fewer rounds or skipped rows instead of losing the table
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import time
+
+    import torch
+    from _harness import deadline_after, time_interleaved
+
+    calls = {"a": 0, "slow": 0, "late": 0}
+
+    def fn(k, s):
+        def call():
+            calls[k] += 1
+            time.sleep(s)
+        return call
+
+    info = {}
+    timed = time_interleaved({"a": fn("a", 0.01), "slow": fn("slow", 0.3), "late": fn("late", 0.01)},
+                             torch.device("cpu"), reps=50, warmup=3, deadline=deadline_after(0.2), info=info)
+    assert set(timed) == {"a", "slow"} and calls["late"] == 0  # "late" would have started after the deadline
+    assert info["rounds"] == 1 and calls["a"] == 2 and calls["slow"] == 2  # first call + one timed round
+    assert 0.25 < timed["slow"][0] < 1.0 and timed["slow"][1] > 0.25
+    # without a deadline every round runs
+    timed = time_interleaved({"a": fn("a", 0.0)}, torch.device("cpu"), reps=4, warmup=1, info=info)
+    assert info["rounds"] == 4
