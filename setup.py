@@ -75,15 +75,20 @@ def extension_build():
     elif not nvcc_found:
         _say("nvcc not found: building the CPU kernels only")
     kwargs = dict(include_dirs=[os.path.join(here, "csrc", "include")])
+    # libstdc++ linked as the shared library torch itself uses, even by a compiler (or wrapper) that links it
+    # statically by default: with its own copy of the C++ exception runtime in fdm_fast._C, the H200 machine's
+    # /opt/gcc g++ produced an extension whose argument errors (c10::ValueError) crashed the process instead
+    # of raising; an explicit -lstdc++ ahead of the driver's own resolves those symbols to the shared library
+    # (benchmarks/ext_probe.py; tests/test_extension.py::test_extension_uses_the_shared_cxx_runtime)
+    link = ["-fopenmp", "-lstdc++"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         _say(f"building the CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension("fdm_fast._C", sources + ["csrc/cuda/ops_cuda.cu"], define_macros=[("FDM_WITH_CUDA", None)],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
-                            extra_link_args=["-fopenmp"], **kwargs)
+                            extra_link_args=link, **kwargs)
     else:
-        ext = CppExtension("fdm_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
-                           **kwargs)
+        ext = CppExtension("fdm_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, **kwargs)
 
     class OptionalBuildExt(BuildExtension):
         """A failed compile says so and leaves the pure-Python backends installed."""

@@ -62,7 +62,6 @@ def preset_of(device: torch.device, args) -> str:
 
 def make_step(flags: set, cfg: dict, images: torch.Tensor, device: torch.device, args):
     """One training step of the official code with the changes in ``flags`` applied."""
-    cuda = device.type == "cuda"
     net_cfg = dict(cfg, network=dict(cfg["network"], attention="sdpa" if "sdpa" in flags else "einsum"))
     torch.manual_seed(0)
     net = build_denoiser(net_cfg).to(device).train()

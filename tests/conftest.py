@@ -31,6 +31,10 @@ HAS_CPU_EXT = _has_cpu_ext()
 
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; this machine has none")
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# tests that hand CPU tensors to the triton backend: only the interpreter runs them (set above without a
+# GPU; on a GPU machine triton is for CUDA tensors, and these tests' CPU inputs are refused by design)
+requires_triton_on_cpu = pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+                                            reason="triton takes CPU tensors only under TRITON_INTERPRET=1")
 # The compiled extension is built by `pip install --no-build-isolation -e .` (and by CI); where it
 # is missing the reason is printed, so a silently skipped backend cannot pass for a tested one.
 requires_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="fdm_fast._C (cpu backend) is not built")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_TRITON, requires_cpu_ext, requires_triton
+from conftest import HAS_TRITON, requires_cpu_ext, requires_triton_on_cpu
 from fdm_fast import ops, schedules
 
 P = "fdm_edm"
@@ -17,7 +17,7 @@ def raises(exc, match):
     return pytest.raises(exc, match=match)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton_on_cpu)])
 def test_shape_dtype_device_mismatch(backend):
     with raises(ValueError, r"y: expected shape \(2, 3, 8, 8\) \(the shape of F\), got \(2, 3, 8, 9\)"):
         ops.denoise_loss(F, torch.randn(2, 3, 8, 9), 1.0, P, backend=backend)
@@ -122,7 +122,7 @@ def test_unavailable_backend_is_an_error_never_a_fallback(monkeypatch):
         assert "triton" not in ops.available_backends("cpu")
 
 
-ALL = ["torch", pytest.param("triton", marks=requires_triton), pytest.param("cpu", marks=requires_cpu_ext)]
+ALL = ["torch", pytest.param("triton", marks=requires_triton_on_cpu), pytest.param("cpu", marks=requires_cpu_ext)]
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -117,3 +117,20 @@ def test_meta_kernels_give_shapes_and_layouts():
     assert loss.shape == (4,) and G.shape == m.shape
     assert math.prod(ext().randn([2, 5], r).shape) == 10
     assert DEVICE.type in ("cpu", "cuda")
+
+
+def test_extension_uses_the_shared_cxx_runtime():
+    # An fdm_fast._C with its own copy of the C++ exception runtime (a compiler that links libstdc++
+    # statically, as the H200 machine's /opt/gcc g++ did) crashed the process on its first argument error.
+    import shutil
+
+    import fdm_fast._C as C
+
+    if not (shutil.which("readelf") and shutil.which("nm")):
+        pytest.skip("readelf/nm (binutils) not installed")
+    needed = subprocess.run(["readelf", "-d", C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in needed, f"{C.__file__} does not link the shared libstdc++:\n{needed}"
+    defined = subprocess.run(["nm", "-D", "--defined-only", C.__file__], capture_output=True, text=True,
+                             check=True).stdout.split()
+    own = [s for s in defined if s.startswith(("__cxa_throw", "__cxa_allocate_exception", "__cxa_begin_catch"))]
+    assert not own, f"{C.__file__} defines its own C++ exception runtime: {own}"
