@@ -26,7 +26,7 @@ from . import reference
 from ._backends import BACKENDS, available_backends, loaded_extension, select, triton_module
 from ._validate import canonical_device, set_value_checks, value_checks
 
-__all__ = ["perturb", "denoise_loss", "churn", "euler_step", "heun_step", "randn", "available_backends",
+__all__ = ["perturb", "denoise_loss", "churn", "euler_step", "heun_step", "multistep", "randn", "available_backends",
            "select_backend", "set_value_checks", "value_checks", "canonical_device", "BACKENDS"]
 
 
@@ -278,6 +278,88 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, 
     if be == "triton":
         return triton_module("sampler").heun_step(x, d, F, tc, tn, th, rng, noise, float(S_noise), *_spec(p), nd)
     return _ext_call(be, "heun_step", x, d, F, tc, tn, th, rng, noise, float(S_noise), *_spec(p), nd)
+
+
+MAX_HISTORY = 4
+
+
+def _coef_column(name, v, B, device, dt):
+    """A coefficient as a [R] column (R = 1 for a number or a 1-element tensor, else B)."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() > 1 or v.numel() not in (1, B):
+            raise ValueError(f"{name}: expected a number or a tensor of one value per sample ({B}), "
+                             f"got shape {tuple(v.shape)}")
+        if v.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the state's device), got {v.device}")
+        return v.reshape(-1).to(dt)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+        raise ValueError(f"{name}: expected a finite number or a per-sample tensor, got {v!r}")
+    return torch.full((1,), float(v), dtype=dt, device=device)
+
+
+def multistep(x: torch.Tensor, F: Optional[torch.Tensor] = None, *, c_skip=0.0, c_out=0.0, a=1.0, b=0.0,
+              history: Sequence[torch.Tensor] = (), h: Sequence = (), G: Optional[torch.Tensor] = None,
+              w_G=0.0, noise_scale=0.0, seed=0, offset=0, noise: Optional[torch.Tensor] = None,
+              c_in_next=None, keep=None, net_dtype: torch.dtype = torch.float32, backend: Optional[str] = None):
+    """The one step every solver of ``fdm_fast.solvers`` takes: a linear combination, fused with the
+    denoiser output and the next network input (docs/design.md 2.1)::
+
+        D      = c_skip x + c_out F + w_G G           the denoised estimate at (x, sigma); with
+                                                     guidance F and G are the two network outputs
+        x_next = a x + b D + sum_k h[k] history[k] + noise_scale n
+        net_in = c_in_next x_next                    (when c_in_next is given)
+        kept   = p x + q D                           (when keep = (p, q): e.g. D itself, (0, 1), or the
+                                                     slope (x - D) / sigma, (1/sigma, -1/sigma))
+
+    x and history are float32 sampler state (at most 4 stored tensors), F and G network outputs of
+    any network dtype, the layout of x for all. Every coefficient is a number or a per-sample [B]
+    tensor. n is the contract noise at (seed, offset), drawn only where noise_scale is not zero (or
+    ``noise`` when given). Returns (x_next, net_in or None, kept or None). Backends: torch and triton
+    (the compiled backends do not implement it: the default picks triton on CUDA, torch on CPU).
+    """
+    V.tensor("x", x)
+    history = list(history)
+    _no_grad_inputs("multistep", x=x, F=F, G=G, noise=noise, **{f"history[{k}]": t for k, t in enumerate(history)})
+    be = select(x.device, backend, op="multistep")
+    _state("x", x, be)
+    if F is not None:
+        V.tensor("F", F, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    if G is not None:
+        if F is None:
+            raise ValueError("G: a guiding network output needs F (the main one)")
+        V.tensor("G", G, dtypes=V.net_dtypes(be), like=x, like_name="x")
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"history: expected at most {MAX_HISTORY} stored tensors, got {len(history)}")
+    if len(h) != len(history):
+        raise ValueError(f"h: expected one coefficient per history tensor ({len(history)}), got {len(h)}")
+    for k, t in enumerate(history):
+        _state(f"history[{k}]", t, be, like=x, like_name="x")
+    _check_noise(noise, x, "x", be)
+    x, F, G, noise, *history = V.layout(x, F, G, noise, *history)
+    B, device = x.shape[0], x.device
+    dt = torch.float64 if be == "torch" and x.dtype == torch.float64 else torch.float32
+    if keep is not None and (not isinstance(keep, (tuple, list)) or len(keep) != 2):
+        raise ValueError(f"keep: expected (p, q) for kept = p x + q D, got {keep!r}")
+    if F is None and keep is not None and not (isinstance(keep[1], (int, float)) and keep[1] == 0):
+        raise ValueError("keep: q D needs F (no denoised estimate without a network output)")
+    p, q = keep if keep is not None else (0.0, 0.0)
+    names = ["c_skip", "c_out", "w_G", "a", "b", *[f"h[{k}]" for k in range(len(history))], "noise_scale",
+             "c_in_next", "keep[0]", "keep[1]"]
+    vals = [c_skip, c_out, w_G, a, b, *h, noise_scale, 0.0 if c_in_next is None else c_in_next, p, q]
+    cols = [_coef_column(n, v, B, device, dt) for n, v in zip(names, vals)]
+    R = max(c.numel() for c in cols)
+    coef = torch.stack([c.expand(R) for c in cols], dim=1).contiguous()
+    draws = noise is not None or not (isinstance(noise_scale, (int, float)) and noise_scale == 0)
+    rng = V.rng(seed, offset, B, device) if draws and noise is None else V.no_rng(seed, offset, device)
+    nd = V.out_dtype("net_dtype", net_dtype, be)
+    wn, wk = c_in_next is not None, keep is not None
+    if be == "torch":
+        x_next, net_in, kept = reference.multistep(x, F, G, history, coef, rng if draws and noise is None else None,
+                                                   noise if draws else None, nd, wn, wk)
+    else:
+        x_next, net_in, kept = triton_module("sampler").multistep(x, F, G, history, coef, rng, noise, draws, nd,
+                                                                  wn, wk)
+    return x_next, (net_in if wn else None), (kept if wk else None)
 
 
 def randn(shape: Sequence[int], *, seed=0, offset=0, device="cpu", backend: Optional[str] = None) -> torch.Tensor:

@@ -93,14 +93,20 @@ def available_backends(device=None) -> list[str]:
     return [b for b in BACKENDS if not unavailable_reason(b, device)]
 
 
-def select(device: torch.device, backend: Optional[str] = None) -> str:
+# Ops that not every backend implements: {op: the backends that do}. The default order skips the
+# others; asking for one of them (backend= or the environment) is an error naming the op.
+PARTIAL = {"multistep": ("torch", "triton")}
+
+
+def select(device: torch.device, backend: Optional[str] = None, op: str = "") -> str:
     """The backend an op on ``device`` runs on: explicit > $FDM_FAST_BACKEND > default order."""
-    return _select(device.type, backend, os.environ.get(ENV_VAR) or None)
+    return _select(device.type, backend, os.environ.get(ENV_VAR) or None, op)
 
 
 @torch.compiler.assume_constant_result  # evaluated eagerly when torch.compile traces an op call
-def _select(device_type: str, backend: Optional[str], env: Optional[str]) -> str:
+def _select(device_type: str, backend: Optional[str], env: Optional[str], op: str = "") -> str:
     device = torch.device(device_type)
+    has = PARTIAL.get(op, BACKENDS)
     asked, source = backend, "backend"
     if asked is None and env:
         asked, source = env, f"${ENV_VAR}"
@@ -110,10 +116,13 @@ def _select(device_type: str, backend: Optional[str], env: Optional[str]) -> str
         why = unavailable_reason(asked, device)
         if why:
             raise ValueError(f"{source}={asked!r} is not available for {device.type} tensors: {why}")
+        if asked not in has:
+            raise ValueError(f"{source}={asked!r}: the {asked} backend does not implement ops.{op} "
+                             f"(it runs on {', '.join(has)})")
         return asked
     order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
     for b in order:
-        if not unavailable_reason(b, device):
+        if b in has and not unavailable_reason(b, device):
             return b
     return "torch"
 

@@ -243,3 +243,36 @@ def heun_step(x, d, F, t_cur, t_next, precond: Precond, t_hat_next=None, rng=Non
 
 def randn(shape, rng: torch.Tensor, device=None) -> torch.Tensor:
     return contract_noise(shape, rng).to(device or rng.device)
+
+
+def multistep(x, F, G, history, coef, rng=None, noise=None, net_dtype=torch.float32, write_net=True,
+              write_keep=False):
+    """The linear step every solver of fdm_fast.solvers takes (ops.multistep documents the columns):
+
+        D      = c_skip x + w_F F + w_G G                     (F, G: network outputs; G may be absent)
+        x_next = a x + b D + sum_k h_k H_k + s n              (H_k: stored float32 tensors; n: contract noise)
+        net_in = c_in_next x_next;   keep = p x + q D
+
+    ``coef`` is [R, 9 + K] (R = 1 or B) with columns c_skip, w_F, w_G, a, b, h_1..h_K, s, c_in_next, p, q.
+    Returns (x_next, net_in or None, keep or None)."""
+    K = len(history)
+    dt = _compute_dtype(x, coef, F, *history)
+    col = lambda k: coef[:, k].to(dt).reshape(-1, *([1] * (x.dim() - 1)))  # noqa: E731
+    xd = x.to(dt)
+    acc = col(3) * xd
+    D = None
+    if F is not None:
+        D = col(0) * xd + col(1) * F.to(dt)
+        if G is not None:
+            D = D + col(2) * G.to(dt)
+        acc = acc + col(4) * D
+    for k, H in enumerate(history):
+        acc = acc + col(5 + k) * H.to(dt)
+    if rng is not None or noise is not None:
+        acc = acc + col(5 + K) * _noise(x, rng, noise, dt)
+    net_in = _like(col(6 + K) * acc, x, net_dtype) if write_net else None
+    keep = None
+    if write_keep:
+        keep = col(7 + K) * xd + (col(8 + K) * D if D is not None else 0)
+        keep = _like(keep, x, dt)
+    return _like(acc, x, dt), net_in, keep

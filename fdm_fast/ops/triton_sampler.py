@@ -154,3 +154,64 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur: torch.Te
         *L.geometry(), L.idx_per_sample, L.rng_stride, *_spec_args(params),
         KIND=kind, FDM=fdm, CHURN=churning, HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return x_next, net_in
+
+
+@triton.jit
+def _multistep_kernel(x_ptr, F_ptr, G_ptr, H0_ptr, H1_ptr, H2_ptr, H3_ptr, coef_ptr, C_STRIDE, rng_ptr, noise_ptr,
+                      xo_ptr, net_ptr, keep_ptr, P, HW, C, NPROG, IDX_PER_SAMPLE, RNG_STRIDE,
+                      K: tl.constexpr, HAS_F: tl.constexpr, HAS_G: tl.constexpr, NOISE: tl.constexpr,
+                      HAS_NOISE: tl.constexpr, WRITE_NET: tl.constexpr, WRITE_KEEP: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, CP: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    b, q, mask, addr, j = tc.tile(P, HW, C, NPROG, CHANNELS_LAST, CP, ROWS)
+    row = coef_ptr + b * C_STRIDE  # columns: c_skip, w_F, w_G, a, b, h_1..h_K, s, c_in_next, p, q
+    x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(row + 3) * x
+    D = x * 0.0
+    if HAS_F:
+        D = tl.load(row + 0) * x + tl.load(row + 1) * tl.load(F_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        if HAS_G:
+            D += tl.load(row + 2) * tl.load(G_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(row + 4) * D
+    if K >= 1:
+        acc += tl.load(row + 5) * tl.load(H0_ptr + addr, mask=mask, other=0.0)
+    if K >= 2:
+        acc += tl.load(row + 6) * tl.load(H1_ptr + addr, mask=mask, other=0.0)
+    if K >= 3:
+        acc += tl.load(row + 7) * tl.load(H2_ptr + addr, mask=mask, other=0.0)
+    if K >= 4:
+        acc += tl.load(row + 8) * tl.load(H3_ptr + addr, mask=mask, other=0.0)
+    if NOISE:
+        scale = tl.load(row + 5 + K)
+        if scale != 0.0:  # no Philox for a sample that adds no noise
+            if HAS_NOISE:
+                n = tl.load(noise_ptr + addr, mask=mask, other=0.0).to(tl.float32)
+            else:
+                n = tc.noise(rng_ptr, b, q, j, HW, IDX_PER_SAMPLE, RNG_STRIDE, CHANNELS_LAST, CP, ROWS, ALIGNED)
+            acc += scale * n
+    tl.store(xo_ptr + addr, acc, mask=mask)
+    if WRITE_NET:
+        tl.store(net_ptr + addr, (tl.load(row + 6 + K) * acc).to(net_ptr.dtype.element_ty), mask=mask)
+    if WRITE_KEEP:
+        tl.store(keep_ptr + addr, tl.load(row + 7 + K) * x + tl.load(row + 8 + K) * D, mask=mask)
+
+
+@triton_op("fdm_fast_triton::multistep", mutates_args=())
+def multistep(x: torch.Tensor, F: Optional[torch.Tensor], G: Optional[torch.Tensor], history: list[torch.Tensor],
+              coef: torch.Tensor, rng: torch.Tensor, noise: Optional[torch.Tensor], draws: bool,
+              net_dtype: torch.dtype, write_net: bool,
+              write_keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.multistep in one pass; outputs not asked for come back empty, unwritten. ``draws``:
+    add the noise column's term (from ``noise`` when given, else from ``rng``)."""
+    K = len(history)
+    L = tc.Launch(x, rng)
+    x_next = tc.empty_like_layout(x, torch.float32)
+    net_in = tc.empty_like_layout(x, net_dtype) if write_net else x.new_empty(0)
+    keep = tc.empty_like_layout(x, torch.float32) if write_keep else x.new_empty(0)
+    hs = list(history) + [x] * (4 - K)
+    wrap_triton(_multistep_kernel)[L.grid](
+        x, F if F is not None else x, G if G is not None else x, *hs, coef, coef.shape[1] if coef.shape[0] > 1 else 0,
+        rng, noise if noise is not None else x, x_next, net_in, keep,
+        *L.geometry(), L.idx_per_sample, L.rng_stride,
+        K=K, HAS_F=F is not None, HAS_G=G is not None, NOISE=draws, HAS_NOISE=noise is not None,
+        WRITE_NET=write_net, WRITE_KEEP=write_keep, ALIGNED=L.aligned, **L.consts())
+    return x_next, net_in, keep
