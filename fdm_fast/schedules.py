@@ -335,3 +335,44 @@ def edm_time_steps(num_steps: int = 18, *, sigma_min: float = 0.002, sigma_max: 
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
     return t.to(dtype=dtype, device=device)
+
+
+SCHEDULES = ("edm", "logsnr", "time")
+
+
+def time_steps(num_steps: int = 18, schedule: str = "edm", *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               rho: float = 7.0, precond: Optional[Precond] = None, dtype: torch.dtype = torch.float64,
+               device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """``num_steps + 1`` noise levels from sigma_max down to sigma_min, then 0, spaced by ``schedule``:
+
+    edm     EDM's rho schedule (edm_time_steps; rho = 7 is EDM's choice)
+    logsnr  uniform in log sigma (log-SNR = -2 log sigma): DPM-Solver's "logSNR" steps
+    time    uniform in the preconditioning's diffusion time t (EDM Table 1): VP t with sigma = vp_sigma(t)
+            (DPM-Solver's "time_uniform"), t = sigma^2 for VE, t = sigma for EDM (and with no precond)
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "edm":
+        return edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=precond,
+                              dtype=dtype, device=device)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an integer >= 1, got {num_steps!r}")
+    if precond is not None:
+        sigma_min, sigma_max = max(sigma_min, precond.sigma_min), min(sigma_max, precond.sigma_max)
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"sigma range: expected 0 < sigma_min <= sigma_max, got [{sigma_min}, {sigma_max}]")
+    u = torch.linspace(0, 1, num_steps, dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
+    if schedule == "logsnr":
+        t = torch.exp(math.log(sigma_max) + u * (math.log(sigma_min) - math.log(sigma_max)))
+    else:
+        kind = precond.kind if precond is not None else KIND_EDM
+        if kind == KIND_VP:
+            bd, bm = precond.beta_d, precond.beta_min
+            lo, hi = float(vp_sigma_inv(sigma_min, bd, bm)), float(vp_sigma_inv(sigma_max, bd, bm))
+            t = vp_sigma(hi + u * (lo - hi), bd, bm)
+        elif kind == KIND_VE:
+            t = (sigma_max**2 + u * (sigma_min**2 - sigma_max**2)).sqrt()
+        else:
+            t = sigma_max + u * (sigma_min - sigma_max)
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    return t.to(dtype=dtype, device=device)
