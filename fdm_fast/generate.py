@@ -4,6 +4,12 @@ Each image depends on its seed only (per-image noise under the noise contract), 
 it was drawn in, so any split of the seeds, over batches or over ranks (``torchrun
 --nproc_per_node=N -m fdm_fast.generate ...``), gives the same images. Output: PNGs in ``--outdir``
 (1000 per subfolder, named by seed) and/or one ``--grid`` PNG.
+
+Solvers (``--solver``, ``--steps``, ``--schedule``; fdm_fast.solvers): heun (EDM's, NFE 2N - 1), euler,
+dpm++2m, dpm++3m, dpm++2m-sde, ipndm, unipc (NFE N). Guidance: ``--guidance W`` with a class-conditional
+network is classifier-free guidance (train it with ``--cond --cond-drop P``); with ``--guide-network
+SNAP`` it is autoguidance by that weaker network. Few steps: ipndm, unipc or dpm++3m at NFE 5-10
+(see README: which solver at which NFE).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import sys
 import torch
 
 from . import ops
-from .sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler, ipndm
+from . import solvers
+from .sampling import GraphedSampler, edm_sampler
 from .distributed import init_distributed
 from .images import save_grid
 from .snapshots import SnapshotError, load_snapshot
@@ -45,10 +52,20 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--network", required=True, help="a network-snapshot-*.pt of fdm_fast.train")
     ap.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-49999 or 1,5,7-9 (default 0-63)")
-    ap.add_argument("--steps", type=int, default=18, help="sampler steps N (Heun: NFE = 2N - 1; default 18)")
-    ap.add_argument("--sampler", default="heun", choices=["heun", "euler", "dpm2m", "ipndm"],
-                    help="EDM Heun (NFE 2N-1), Euler (NFE N), DPM-Solver++(2M) (NFE N) or iPNDM (4th-order "
-                         "Adams-Bashforth, NFE N); default heun")
+    ap.add_argument("--steps", type=int, default=18, help="solver steps N (heun: NFE = 2N - 1, others N; default 18)")
+    ap.add_argument("--solver", default=None, choices=list(solvers.SOLVERS),
+                    help="ODE/SDE solver (default heun; see above)")
+    ap.add_argument("--sampler", default=None, choices=["heun", "euler", "dpm2m", "ipndm"],
+                    help="the old name of --solver (dpm2m = dpm++2m)")
+    ap.add_argument("--schedule", default="edm", choices=list(solvers.SCHEDULES),
+                    help="noise levels: EDM's rho schedule, uniform log-SNR, or uniform diffusion time (default edm)")
+    ap.add_argument("--order", type=int, default=None,
+                    help="multistep order (dpm++3m: 2-3, ipndm: 1-4, unipc: 1-3; default the highest)")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="guidance weight w: D = D_guide + w (D - D_guide); 1 = unguided (default). Without "
+                         "--guide-network: classifier-free guidance (a class-conditional network)")
+    ap.add_argument("--guide-network", default=None, metavar="SNAP",
+                    help="autoguidance: a weaker snapshot of the same task (e.g. an earlier one) as the guide")
     ap.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity (EDM's S_churn; default 0)")
     ap.add_argument("--S-min", dest="S_min", type=float, default=0.0)
     ap.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
@@ -73,6 +90,22 @@ def main(argv=None) -> int:
         return 2
     if not args.outdir and not args.grid:
         print("error: give --outdir DIR and/or --grid FILE.png", file=sys.stderr)
+        return 2
+    if args.sampler and args.solver and {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler) != args.solver:
+        print(f"error: --sampler {args.sampler} and --solver {args.solver} disagree (--sampler is the old name)",
+              file=sys.stderr)
+        return 2
+    args.solver = args.solver or {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler) or "heun"
+    fused_edm = args.solver in ("heun", "euler") and args.guidance == 1 and not args.guide_network \
+        and args.schedule == "edm"  # EDM's own fused step ops (and churn)
+    if args.S_churn > 0 and not fused_edm:
+        print("error: --S-churn: stochastic churn is EDM's Heun/Euler option, unguided, on the edm schedule; "
+              f"got --solver {args.solver} --schedule {args.schedule} --guidance {args.guidance}"
+              + (" with --guide-network" if args.guide_network else "") + " (dpm++2m-sde is the stochastic solver)",
+              file=sys.stderr)
+        return 2
+    if args.guide_network and not os.path.isfile(args.guide_network):
+        print(f"error: --guide-network {args.guide_network}: no such file", file=sys.stderr)
         return 2
     for flag, v in (("--batch", args.batch), ("--steps", args.steps)):
         if v < 1:
@@ -104,6 +137,17 @@ def main(argv=None) -> int:
     except SnapshotError as e:
         print(f"error: --network {e}", file=sys.stderr)
         return 2
+    guide = None
+    if args.guide_network:
+        try:
+            guide = load_snapshot(args.guide_network, device)
+        except SnapshotError as e:
+            print(f"error: --guide-network {e}", file=sys.stderr)
+            return 2
+    if args.guidance != 1 and guide is None and not net.label_dim:
+        print(f"error: --guidance {args.guidance}: classifier-free guidance needs a class-conditional network "
+              f"({args.network} has no labels); give --guide-network SNAP for autoguidance", file=sys.stderr)
+        return 2
     labels_for = None
     if net.label_dim:
         if args.class_idx is None:
@@ -127,13 +171,21 @@ def main(argv=None) -> int:
               net_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
     if args.compile if args.compile is not None else device.type == "cuda":
         net.model = torch.compile(net.model)
+        if guide is not None:
+            guide.model = torch.compile(guide.model)
     use_graph = args.cuda_graph if args.cuda_graph is not None else device.type == "cuda"
-    if args.sampler in ("dpm2m", "ipndm"):
-        sampler = dpm_solver_pp_2m if args.sampler == "dpm2m" else ipndm
-        kw = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                  device=device, net_dtype=kw["net_dtype"])
-    else:
+    if fused_edm:
         sampler = edm_sampler
+    else:
+        sampler = solvers.sample
+        kw = dict(solver=args.solver, steps=args.steps, schedule=args.schedule, order=args.order,
+                  sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, guidance=args.guidance,
+                  guide=guide, device=device, net_dtype=kw["net_dtype"])
+        try:  # bad combinations (an order the solver does not take) fail here, before any image
+            solvers.check_options(args.solver, args.steps, args.schedule, args.order)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     graphed = None
     results = []
     for batch in tqdm(batches, unit="batch", disable=rank != 0, desc="generate"):
@@ -166,8 +218,12 @@ def main(argv=None) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank == 0:
-        print(f"generated {len(seeds)} images ({args.sampler}, {args.steps} steps, NFE "
-              f"{2 * args.steps - 1 if args.sampler == 'heun' else args.steps})"
+        n = solvers.nfe(args.solver, args.steps)
+        guided = "" if args.guidance == 1 and guide is None else \
+            f", guidance {args.guidance} ({'autoguidance' if guide is not None else 'classifier-free'}: 2 network " \
+            f"evaluations per NFE)"
+        print(f"generated {len(seeds)} images ({args.solver}, {args.schedule} schedule, {args.steps} steps, NFE {n}"
+              f"{guided})"
               + (f" -> {args.outdir}" if args.outdir else "") + (f" -> {args.grid}" if args.grid else ""))
     return 0
 

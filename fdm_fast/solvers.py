@@ -64,6 +64,23 @@ def _check_solver(solver):
         raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
 
 
+ORDERS = {"dpm++2m": (2,), "dpm++2m-sde": (2,), "dpm++3m": (2, 3), "ipndm": (1, 2, 3, 4), "unipc": (1, 2, 3)}
+
+
+def check_options(solver: str, steps: int, schedule: str = "edm", order: Optional[int] = None) -> None:
+    """ValueError naming the option when ``sample`` would refuse these settings (checked before any work)."""
+    _check_solver(solver)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if order is not None:
+        allowed = ORDERS.get(solver, ())
+        if order not in allowed:
+            raise ValueError(f"order: {solver} takes order {', '.join(map(str, allowed))}, got {order}" if allowed
+                             else f"order: {solver} has no order option, got {order}")
+
+
 class _Net:
     """The network side of a run: the main (and guiding) outputs F (and G) for a net input."""
 
@@ -165,12 +182,8 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     Initial noise: the contract's at (seed, 0), as edm_sampler's, so every solver starts from the
     same latents for the same seeds. ``state_dtype=torch.float64`` (with ``backend="torch"`` and
     ``net_dtype=torch.float64``) runs the same steps in float64: a reference, not a fast path."""
-    _check_solver(solver)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     steps = num_steps if num_steps is not None else steps  # GraphedSampler passes num_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    check_options(solver, steps, schedule, order)
     if device is None:  # the network's device (a parameterless denoiser: the CPU)
         device = next((q.device for q in denoiser.parameters()), torch.device("cpu"))
     device = ops.canonical_device(device)
@@ -226,8 +239,6 @@ def _heun(x, net_in, t, p, net, order, kw):
 def _dpm(solver, x, net_in, t, p, net, seeds, order, kw):
     sde = solver == "dpm++2m-sde"
     order = order or (3 if solver == "dpm++3m" else 2)
-    if order not in ((2, 3) if solver == "dpm++3m" else (2,)):
-        raise ValueError(f"order: {solver} takes order {'2 or 3' if solver == 'dpm++3m' else '2'}, got {order}")
     stride = (math.prod(x.shape[1:]) + 3) // 4  # counters one image's noise uses (edm_sampler's layout)
     Ds: list = []  # newest first
     lam = [-math.log(s) if s > 0 else math.inf for s in t]
@@ -262,8 +273,6 @@ def _dpm(solver, x, net_in, t, p, net, seeds, order, kw):
 
 def _ipndm(x, net_in, t, p, net, order, kw):
     order = order or 4
-    if order not in ADAMS_BASHFORTH:
-        raise ValueError(f"order: ipndm takes order 1, 2, 3 or 4, got {order}")
     slopes: list = []  # newest first
     for i in range(len(t) - 1):
         s, sn = t[i], t[i + 1]
@@ -281,8 +290,6 @@ def _unipc(x, net_in, t, p, net, order, kw):
     network just saw (x_c), then the UniP predictor steps from x_c with the same evaluation; no
     corrector after the last evaluation (it would need one more)."""
     order = order or 3
-    if order not in (1, 2, 3):
-        raise ValueError(f"order: unipc takes order 1, 2 or 3, got {order}")
     lam = [-math.log(s) if s > 0 else math.inf for s in t]
     Ds: list = []  # denoised outputs, newest first
     x_prev = None  # the corrected state the last predictor started from

@@ -102,6 +102,7 @@ class Options:
     metric_steps: int = 9
     inception: Optional[str] = None
     ref: Optional[str] = None
+    cond_drop: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--cbase", type=int, default=None, help="base channel count (model_channels; recipe/architecture default)")
     a("--cres", default=None, help="channel multipliers per resolution, e.g. 1,2,2,2 (recipe default)")
     a("--cond", action="store_true", help="class-conditional (needs labels: dataset.json, or digits)")
+    a("--cond-drop", type=float, default=0.0, metavar="P",
+      help="with --cond: drop each sample's label (all zeros) with probability P, so the network also learns "
+           "the unconditional denoiser that classifier-free guidance needs (generate --guidance W); default 0")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
     g.add_argument("--duration", type=float, default=None, help="training length in millions of images "
@@ -209,6 +213,10 @@ def resolve(args: argparse.Namespace) -> Options:
                          "use --precision bf16 (same exponent range as fp32) or fp32")
     if args.augment is not None and not 0 <= args.augment <= 1:
         raise SystemExit(f"error: --augment: expected a probability in [0, 1], got {args.augment}")
+    if not 0 <= args.cond_drop < 1:
+        raise SystemExit(f"error: --cond-drop: expected a probability in [0, 1), got {args.cond_drop}")
+    if args.cond_drop and not args.cond:
+        raise SystemExit("error: --cond-drop: label dropout needs a class-conditional network (--cond)")
     if args.fdm_multiplier is not None and not args.precond.startswith("fdm_"):
         raise SystemExit(f"error: --fdm-multiplier applies to the fdm_* preconditionings, got --precond {args.precond}")
     for flag, v, ok, what in (
@@ -269,7 +277,7 @@ def resolve(args: argparse.Namespace) -> Options:
         channel_mult=channel_mult, network=network, exact_reduce=args.exact_reduce,
         data_on_device=args.data_on_device, metric=args.metric,
         metric_every=(args.metric_every or snap) if args.metric else None, metric_num=args.metric_num,
-        metric_steps=args.metric_steps, inception=args.inception, ref=args.ref)
+        metric_steps=args.metric_steps, inception=args.inception, ref=args.ref, cond_drop=args.cond_drop)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +334,8 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
 
     network = dict(o.network)
     network["dropout"] = o.dropout
+    if o.cond_drop:
+        network["label_dropout"] = o.cond_drop
     if o.channel_mult is not None:
         network.setdefault("channel_mult", tuple(o.channel_mult))
     precond_options = {"fdm_multiplier": o.fdm_multiplier} if o.fdm_multiplier is not None else {}

@@ -168,6 +168,27 @@ def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim, backend):
         torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "ipndm", "unipc"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_cuda_graph_solvers_equal_eager(solver, guided):
+    # every solver of fdm_fast.solvers (ops.multistep on triton), plain and with classifier-free guidance
+    from fdm_fast import solvers
+    from fdm_fast.nn import build_denoiser
+    from fdm_fast.sampling import GraphedSampler
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=10,
+               network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    torch.manual_seed(0)
+    net = build_denoiser(cfg).cuda().eval().requires_grad_(False)
+    kw = dict(solver=solver, steps=6, guidance=2.0 if guided else 1.0)
+    graphed = GraphedSampler(net, batch=8, sampler=solvers.sample, **kw)
+    for k, seeds in enumerate((range(8), range(100, 108))):
+        labels = torch.eye(10, device="cuda")[[(s + k) % 10 for s in seeds]]
+        want = solvers.sample(net, list(seeds), class_labels=labels, **kw)
+        torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)
+
+
 # A device named without its index ("cuda", "cpu:0") is not equal to what a tensor on it reports
 # ("cuda:0", "cpu"): samplers and ops compare the two forms only after ops.canonical_device. The GPU
 # check found edm_sampler(..., device="cuda") refusing its own seeds; "cpu:0" is the same mismatch here.

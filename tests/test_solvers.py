@@ -207,10 +207,12 @@ def test_guidance_errors():
         solvers.sample(g, [0], solver="rk45", steps=3)
     with pytest.raises(ValueError, match="schedule: expected one of edm, logsnr, time"):
         solvers.sample(g, [0], solver="euler", steps=3, schedule="cosine")
-    with pytest.raises(ValueError, match="order: unipc takes order 1, 2 or 3, got 4"):
+    with pytest.raises(ValueError, match="order: unipc takes order 1, 2, 3, got 4"):
         solvers.sample(g, [0], solver="unipc", steps=3, order=4)
     with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
         solvers.sample(g, [0], solver="euler", steps=0)
+    with pytest.raises(ValueError, match="order: heun has no order option, got 2"):
+        solvers.check_options("heun", 5, "edm", 2)
 
 
 def test_sde_noise_is_per_seed_and_stochastic():
@@ -250,3 +252,59 @@ def test_schedules():
     assert (torch.diff(tt) - torch.diff(tt)[0]).abs().max() < 1e-9  # uniform in VP time
     with pytest.raises(ValueError, match="schedule: expected one of edm, logsnr, time, got 'x'"):
         time_steps(5, "x")
+
+
+def test_cond_drop_trains_and_generate_names_solvers_and_guides(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fdm_fast import generate, snapshots
+    from fdm_fast.train import parse_args, resolve, training_loop
+
+    tiny = ["--ds", "digits", "--resolution", "8", "--batch", "32", "--precision", "fp32", "--grid", "4",
+            "--no-compile", "--cond", "--cond-drop", "0.5", "--kimg", "0.064", "--snap", "0.032"]
+    training_loop(resolve(parse_args([*tiny, "--outdir", str(tmp_path)])), quiet=True)
+    snap = str(sorted(tmp_path.glob("network-snapshot-*.pt"))[-1])
+    net = snapshots.load_snapshot(snap, "cpu")
+    assert net.config["network"]["label_dropout"] == 0.5 and net.model.label_dropout == 0.5
+    labels = torch.eye(net.label_dim)[[3] * 4]
+    for extra, kw in [
+        (["--solver", "unipc", "--schedule", "logsnr", "--guidance", "2"], dict(solver="unipc", schedule="logsnr",
+                                                                              guidance=2.0)),
+        (["--solver", "dpm++3m", "--guidance", "1.5", "--guide-network", snap], dict(solver="dpm++3m", guidance=1.5,
+                                                                                    guide=net)),
+        (["--sampler", "dpm2m"], dict(solver="dpm++2m"))]:
+        out = tmp_path / kw["solver"]
+        assert generate.main(["--network", snap, "--seeds", "0-3", "--steps", "5", "--class", "3", "--outdir",
+                              str(out), *extra]) == 0
+        assert f"({kw['solver']}," in capsys.readouterr().out
+        want = solvers.sample(net, [0, 1, 2, 3], steps=5, class_labels=labels, **kw)
+        want = (want.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+        for s in range(4):
+            got = np.asarray(Image.open(out / f"000000/{s:06d}.png"))
+            assert np.abs(got.astype(int) - want[s].astype(int)).max() <= 1, (extra, s)
+    bad = [(["--solver", "unipc", "--S-churn", "5"], "--S-churn: stochastic churn is EDM's Heun/Euler option"),
+           (["--solver", "unipc", "--order", "4"], "order: unipc takes order 1, 2, 3, got 4"),
+           (["--sampler", "heun", "--solver", "unipc"], "--sampler heun and --solver unipc disagree"),
+           (["--guide-network", str(tmp_path / "none.pt")], "--guide-network"),
+           (["--schedule", "cosine"], "invalid choice")]
+    for extra, message in bad:
+        with pytest.raises(SystemExit) if "invalid choice" in message else _nullcontext():
+            rc = generate.main(["--network", snap, "--seeds", "0", "--grid", str(tmp_path / "g.png"), *extra])
+            assert rc == 2
+        assert message in capsys.readouterr().err, extra
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_cond_drop_needs_cond():
+    from fdm_fast.train import parse_args, resolve
+
+    with pytest.raises(SystemExit, match="--cond-drop: label dropout needs a class-conditional network"):
+        resolve(parse_args(["--ds", "digits", "--cond-drop", "0.1"]))
+    with pytest.raises(SystemExit, match=r"--cond-drop: expected a probability in \[0, 1\), got 1.0"):
+        resolve(parse_args(["--ds", "digits", "--cond", "--cond-drop", "1"]))

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 
-from fdm_fast import ops, sampling, train
+from fdm_fast import ops, sampling, solvers, train
 from fdm_fast.nn import build_denoiser
 
 META = torch.device("meta")
@@ -119,6 +119,17 @@ def test_every_sampler_runs_without_a_sync(monkeypatch, checks_off, sampler, kw)
     seeds = torch.zeros(4, dtype=torch.int64, device=META)  # seeds live on the device (as GraphedSampler's)
     with no_sync_guard(monkeypatch):
         out = getattr(sampling, sampler)(net, seeds, num_steps=5, device=META, **kw)
+    assert out.shape == (4, 1, 8, 8) and out.device == META
+
+
+@pytest.mark.parametrize("solver", solvers.SOLVERS)
+def test_every_solver_runs_without_a_sync(monkeypatch, checks_off, solver):
+    # the coefficients are host floats; each step is one ops.multistep call whose coefficient
+    # columns are filled on the device: nothing is read back or copied synchronously
+    net = _tiny_denoiser()
+    seeds = torch.zeros(4, dtype=torch.int64, device=META)
+    with no_sync_guard(monkeypatch):
+        out = solvers.sample(net, seeds, solver=solver, steps=5, device=META)
     assert out.shape == (4, 1, 8, 8) and out.device == META
 
 
