@@ -11,10 +11,11 @@ Speed, for a SongUNet (random weights: speed does not depend on them) at each ba
 and the step overhead alone (a trivial denoiser, F = 0, at 64x3x64x64): official vs fused.
 
 NFE (analytic): a Gaussian-mixture dataset whose ideal denoiser is known in closed form
-(fdm_fast.gmm); for Heun and Euler at each NFE, the RMS distance of the samples to a 500-step
-solution from the same noise, and the error of the samples' mean and covariance against the
-mixture's, also for DPM-Solver++(2M). With ``--network SNAP --ref REF.npz --inception WEIGHTS``: FID vs
-NFE per sampler for that trained snapshot.
+(fdm_fast.gmm); for every solver of fdm_fast.solvers (``--solvers``, ``--schedule``) at each NFE (exact:
+fdm_fast.solvers.nfe), the per-sample distance of the samples to a 500-step Heun solution from the
+same noise (median, 90th percentile, samples that switched mixture component) and the error of the
+samples' mean and covariance against the mixture's. With ``--network SNAP --ref REF.npz --inception
+WEIGHTS``: FID vs NFE per solver for that trained snapshot.
 
 Writes a table to stdout, JSON and a PNG plot (matplotlib, if installed) next to --out, and rows to
 benchmarks/RESULTS.md.
@@ -37,7 +38,8 @@ from _harness import (add_results_arg, append_results, deadline_after, machine_n
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
-from fdm_fast.sampling import GraphedSampler, dpm_solver_pp_2m, edm_sampler, ipndm  # noqa: E402
+from fdm_fast import solvers  # noqa: E402
+from fdm_fast.sampling import GraphedSampler, edm_sampler  # noqa: E402
 from fdm_fast.schedules import edm_time_steps  # noqa: E402
 
 
@@ -131,6 +133,11 @@ def speed(args, device):
     return rows
 
 
+def _steps_for(solver: str, nfe: int) -> int:
+    """The steps whose NFE is closest to ``nfe`` from below (heun: 2 steps - 1, the others: steps)."""
+    return max(1, (nfe + 1) // 2) if solver == "heun" else nfe
+
+
 def nfe_analytic(args):
     rows = []
     gmm = GaussianMixtureDenoiser.random(k=6, shape=(3, 4, 4), seed=3, precond=args.precond, spread=1.0)
@@ -138,20 +145,14 @@ def nfe_analytic(args):
     ref = edm_sampler(gmm, seeds, num_steps=500, device="cpu").double()
     ref_comp = gmm.component(ref)
     m, cov = gmm.moments()
-    for sampler in ("heun", "euler", "dpm++2m", "ipndm"):
-        for nfe in args.nfe:
-            steps = (nfe + 1) // 2 if sampler == "heun" else nfe
-            if sampler == "dpm++2m":
-                x = dpm_solver_pp_2m(gmm, seeds, num_steps=steps, device="cpu").double()
-            elif sampler == "ipndm":
-                x = ipndm(gmm, seeds, num_steps=steps, device="cpu").double()
-            else:
-                x = edm_sampler(gmm, seeds, num_steps=steps, heun=sampler == "heun", device="cpu").double()
+    for solver in args.solvers:
+        for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
+            x = solvers.sample(gmm, seeds, solver=solver, steps=steps, schedule=args.schedule, device="cpu").double()
             flat = x.reshape(len(seeds), -1)
             # per-sample RMS error: the median and 90th percentile are not dominated by the few samples
             # that end near another component than the reference trajectory (counted apart)
             per = (x - ref).reshape(len(seeds), -1).pow(2).mean(1).sqrt()
-            rows.append(dict(kind="nfe", sampler=sampler, nfe=2 * steps - 1 if sampler == "heun" else steps,
+            rows.append(dict(kind="nfe", sampler=solver, schedule=args.schedule, nfe=solvers.nfe(solver, steps),
                              median_err=per.median().item(), p90_err=per.quantile(0.9).item(),
                              switched=int((gmm.component(x) != ref_comp).sum()),
                              rms_to_reference=(x - ref).pow(2).mean().sqrt().item(),
@@ -160,16 +161,31 @@ def nfe_analytic(args):
     return rows
 
 
-def _samples_uint8(net, sampler, steps, num, batch, device):
+def _samples_uint8(net, solver, steps, num, batch, device, schedule="edm"):
     for i in range(0, num, batch):
         seeds = list(range(i, min(i + batch, num)))
-        if sampler == "dpm++2m":
-            x = dpm_solver_pp_2m(net, seeds, num_steps=steps, device=device)
-        elif sampler == "ipndm":
-            x = ipndm(net, seeds, num_steps=steps, device=device)
-        else:
-            x = edm_sampler(net, seeds, num_steps=steps, heun=sampler == "heun", device=device)
+        x = solvers.sample(net, seeds, solver=solver, steps=steps, schedule=schedule, device=device)
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def nfe_digits_fd(args, device):
+    """Digits FD vs NFE per solver for a snapshot trained on the embedded digits (fdm_fast.metrics.digits:
+    the Frechet distance of a small digits classifier's features to the digits test split)."""
+    from fdm_fast.metrics.evaluate import SampleEvaluator
+    from fdm_fast.snapshots import load_snapshot
+
+    net = load_snapshot(str(args.network), device)
+    rows, scorer = [], None
+    for solver in args.solvers:
+        for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
+            ev = SampleEvaluator("digits-fd", num=args.fid_num, steps=steps, sampler=solver,
+                                 schedule=args.schedule, batch=args.batch[0], device=device, scorer=scorer)
+            scorer = ev.scorer
+            r = ev(net)
+            print(f"  {solver} NFE {r['nfe']}: FD {r['fd']:.2f} ({r['seconds']:.1f} s)", flush=True)
+            rows.append(dict(kind="fid", sampler=solver, schedule=args.schedule, nfe=r["nfe"], fid=r["fd"],
+                             images=args.fid_num))
+    return rows
 
 
 def nfe_fid(args, device, extractor=None):
@@ -184,13 +200,12 @@ def nfe_fid(args, device, extractor=None):
     extractor = extractor or load_inception(args.inception, device)
     ref = np.load(args.ref)
     rows = []
-    for sampler in ("heun", "euler", "dpm++2m", "ipndm"):
-        for nfe in args.nfe:
-            steps = (nfe + 1) // 2 if sampler == "heun" else nfe
-            feats = features(extractor, _samples_uint8(net, sampler, steps, args.fid_num, args.batch[0], device),
-                             device)
+    for solver in args.solvers:
+        for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
+            feats = features(extractor, _samples_uint8(net, solver, steps, args.fid_num, args.batch[0], device,
+                                                       args.schedule), device)
             mu, sigma = statistics(feats)
-            rows.append(dict(kind="fid", sampler=sampler, nfe=2 * steps - 1 if sampler == "heun" else steps,
+            rows.append(dict(kind="fid", sampler=solver, schedule=args.schedule, nfe=solvers.nfe(solver, steps),
                              fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), images=args.fid_num))
     return rows
 
@@ -212,7 +227,7 @@ def plot(rows, path):
     axes[0].set(xlabel="NFE", ylabel="images / s", title=f"speed, batch {sp[0]['batch'] if sp else ''}")
     axes[0].legend()
     nf = [r for r in rows if r["kind"] == "nfe"]
-    for s in ("heun", "euler", "dpm++2m", "ipndm"):
+    for s in solvers.SOLVERS:
         pts = sorted((r["nfe"], r["median_err"], r["p90_err"]) for r in nf if r["sampler"] == s)
         if pts:
             n, med, p90 = zip(*pts)
@@ -244,6 +259,14 @@ def main(argv=None):
     ap.add_argument("--ref", type=Path, default=None, help="reference statistics .npz for the FID study")
     ap.add_argument("--inception", default=None, help="Inception-v3 weights for the FID study (see fdm_fast.fid)")
     ap.add_argument("--fid-num", type=int, default=10000, help="images per FID point (default 10000)")
+    ap.add_argument("--solvers", nargs="+", default=list(solvers.SOLVERS), choices=list(solvers.SOLVERS),
+                    help="solvers of the NFE (and FID) study (default: all)")
+    ap.add_argument("--schedule", default="edm", choices=list(solvers.SCHEDULES),
+                    help="noise levels of the NFE (and FID) study (default edm)")
+    ap.add_argument("--metric", default="fid", choices=["fid", "digits-fd"],
+                    help="the --network study's metric: FID (needs --ref and --inception) or, for a snapshot "
+                         "trained on --ds digits, the digits classifier's FD (no download)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed part")
     ap.add_argument("--no-nfe-study", action="store_true", help="the speed part only (skip the analytic NFE study)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="end the speed part within about S seconds: variants not started by then are left out "
@@ -257,7 +280,7 @@ def main(argv=None):
     ops.set_value_checks(False)
     speed_args = argparse.Namespace(**vars(args))
     speed_args.nfe = args.speed_nfe or (args.nfe if device.type == "cuda" else [13, 35])
-    if args.network is not None:  # fail early, before minutes of timing, if the FID study cannot run
+    if args.network is not None and args.metric == "fid":  # fail early, before minutes of timing
         from fdm_fast.metrics.inception import FIDError, inception_weights
 
         try:
@@ -266,9 +289,9 @@ def main(argv=None):
             inception_weights(args.inception)
         except FIDError as e:
             raise SystemExit(f"error: {e}")
-    rows = speed(speed_args, device) + ([] if args.no_nfe_study else nfe_analytic(args))
+    rows = ([] if args.no_speed else speed(speed_args, device)) + ([] if args.no_nfe_study else nfe_analytic(args))
     if args.network is not None:
-        rows += nfe_fid(args, device)
+        rows += nfe_fid(args, device) if args.metric == "fid" else nfe_digits_fd(args, device)
     machine = machine_name(device)
     print(machine)
     header = ["kind", "what", "batch", "NFE", "variant", "img/s", "ms/NFE", "first call s", "reps"]
@@ -277,13 +300,14 @@ def main(argv=None):
         if r["kind"] in ("speed", "overhead"):
             table.append([r["kind"], r["network"], str(r["batch"]), str(r["nfe"]), r["variant"],
                           f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}", str(r["reps"])])
-    print_table(header, table)
+    if table:
+        print_table(header, table)
     for kind in ("overhead", "speed"):
         by = {(r["batch"], r["nfe"], r["variant"]): r["seconds"] for r in rows if r["kind"] == kind}
         for (b, n, v), s in sorted(by.items()):
             if v != "official" and (b, n, "official") in by:
                 print(f"{kind}: {v} vs official at batch {b}, NFE {n}: {by[(b, n, 'official')] / s:.2f}x")
-    nheader = ["sampler", "NFE", "median err", "p90 err", "switched component", "RMS (all)", "mean error",
+    nheader = ["solver", "NFE", "median err", "p90 err", "switched component", "RMS (all)", "mean error",
                "cov rel. error"]
     ntable = [[r["sampler"], str(r["nfe"]), f"{r['median_err']:.2e}", f"{r['p90_err']:.2e}",
                f"{r['switched']}/{args.nfe_samples}", f"{r['rms_to_reference']:.2e}", f"{r['mean_err']:.3f}",
@@ -292,9 +316,10 @@ def main(argv=None):
         print("\nanalytic Gaussian mixture (6 components, 3x4x4):")
         print_table(nheader, ntable)
     ftable = [[r["sampler"], str(r["nfe"]), f"{r['fid']:.2f}", str(r["images"])] for r in rows if r["kind"] == "fid"]
+    mname = "FID" if args.metric == "fid" else "digits FD"
     if ftable:
-        print(f"\nFID vs NFE ({args.network}):")
-        print_table(["sampler", "NFE", "FID", "images"], ftable)
+        print(f"\n{mname} vs NFE ({args.network}, schedule {args.schedule}):")
+        print_table(["solver", "NFE", mname, "images"], ftable)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sampler_speed.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
@@ -304,20 +329,21 @@ def main(argv=None):
             print(f"plot: {png}")
     if args.results:
         cmd = f"`python benchmarks/sampler_speed.py {' '.join(argv or sys.argv[1:])}`"
-        append_results("sampler_speed: speed", header, table, [f"Machine: {machine}", f"Command: {cmd}",
-                                                                "official = EDM's float64 op-by-op sampler; fused = "
-                                                                "fdm_fast.sampling on the fused step ops"], path=args.results)
+        if table:
+            append_results("sampler_speed: speed", header, table,
+                           [f"Machine: {machine}", f"Command: {cmd}", "official = EDM's float64 op-by-op sampler; "
+                            "fused = fdm_fast.sampling on the fused step ops"], path=args.results)
         if ntable:
             append_results("sampler_speed: NFE on the analytic mixture", nheader, ntable,
                            [f"Machine: {machine}", f"Command: {cmd}",
-                            f"precond {args.precond}; {args.nfe_samples} samples; the reference solution is Heun "
+                            f"precond {args.precond}; schedule {args.schedule}; {args.nfe_samples} samples; the reference solution is Heun "
                             "with 500 steps from the same noise; err = per-sample RMS distance to it; switched = "
                             "samples whose most likely mixture component differs from the reference's"],
                            path=args.results)
         if ftable:
-            append_results("sampler_speed: FID vs NFE", ["sampler", "NFE", "FID", "images"], ftable,
-                           [f"Machine: {machine}", f"Command: {cmd}", f"network {args.network}, reference {args.ref}"],
-                           path=args.results)
+            append_results(f"sampler_speed: {mname} vs NFE", ["solver", "NFE", mname, "images"], ftable,
+                           [f"Machine: {machine}", f"Command: {cmd}", f"network {args.network}, schedule {args.schedule}"
+                            + (f", reference {args.ref}" if args.metric == "fid" else "")], path=args.results)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,15 @@ with a step to sigma = 0. NFE (network evaluations per image, ``nfe(solver, step
     heun          2 steps - 1      EDM's second-order sampler (deterministic)
     dpm++2m       steps            DPM-Solver++(2M), Lu et al. 2022, Algorithm 2
     dpm++3m       steps            third-order multistep exponential integrator in log sigma (below)
+                                   (dpm++3m and unipc lower their order on the last steps of runs of
+                                   fewer than 15 steps, as DPM-Solver's and UniPC's code do)
     dpm++2m-sde   steps            DPM-Solver++(2M) SDE (midpoint form, eta = 1), noise from the contract
     ipndm         steps            iPNDM: 4th-order Adams-Bashforth in sigma with warm-up orders
     unipc         steps            UniPC (Zhao et al. 2023), bh2, order 3 with the UniC corrector
+    dpm3s         steps            DPM-Solver-3 (Lu et al. 2022), singlestep, noise prediction: outer steps
+                                   of 3 evaluations (r1 = 1/3, r2 = 2/3), the last ones of order 2 or 1 so
+                                   that NFE = steps exactly, as DPM-Solver's "singlestep_fixed"; its
+                                   outer steps run to sigma_min and it returns x there (no step to 0)
 
 With guidance (``guidance=w``), each evaluation combines a main and a guiding network output,
 D = D_guide + w (D_main - D_guide): classifier-free guidance (the guide is the same network with the
@@ -46,7 +52,7 @@ import torch
 from . import ops
 from .schedules import SCHEDULES, time_steps
 
-SOLVERS = ("euler", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "ipndm", "unipc")
+SOLVERS = ("euler", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "ipndm", "unipc", "dpm3s")
 
 # Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first.
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -194,12 +200,14 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     t = [float(v) for v in time_steps(steps, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                       precond=p)]
     net = _Net(denoiser, guidance, guide, class_labels, B, device)
+    kw = dict(net_dtype=net_dtype, backend=backend)
     if state_dtype not in (torch.float32, torch.float64) or (state_dtype == torch.float64 and backend != "torch"):
         raise ValueError(f"state_dtype: expected torch.float32, or torch.float64 with backend='torch', got {state_dtype}")
+    if solver == "dpm3s":
+        return _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, state_dtype, kw, backend)
     x = t[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend).to(state_dtype)
     # the network input for sigma_0: a multistep call with no output terms but c_in
-    _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, t[0]), net_dtype=net_dtype, backend=backend)
-    kw = dict(net_dtype=net_dtype, backend=backend)
+    _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, t[0]), **kw)
     run = dict(euler=_euler, heun=_heun, ipndm=_ipndm, unipc=_unipc)
     if solver.startswith("dpm++"):
         return _dpm(solver, x, net_in, t, p, net, seeds, order, kw)
@@ -210,6 +218,16 @@ def _step(net, p, x, net_in, s, **kw):
     """ops.multistep with this step's network output(s) and D coefficients at sigma = s."""
     F, G = net(net_in, s)
     return ops.multistep(x, F, G=G, **net.d_kw(p, s), **kw)
+
+
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def _final_order(i: int, n: int) -> int:
+    """DPM-Solver's and UniPC's "lower order final" for short runs (n < 15 steps): the step into the
+    last nonzero sigma is first order, the one before second order. EDM's schedule makes those steps
+    long in log sigma (0.17 -> 0.002 at 5 steps), where extrapolating a quadratic is unstable."""
+    return n - 1 - i if n < LOWER_ORDER_FINAL_BELOW else n
 
 
 def _euler(x, net_in, t, p, net, order, kw):
@@ -263,7 +281,7 @@ def _dpm(solver, x, net_in, t, p, net, seeds, order, kw):
                 if sde else {}
             x, net_in, D = _step(net, p, x, net_in, s, a=a, b=b, history=hist, h=hc, **noise, **step)
         else:
-            k = min(order, len(Ds) + 1)
+            k = min(order, len(Ds) + 1, _final_order(i, len(t) - 1))
             nodes = [0.0] + [lam[i - j] - lam[i] for j in range(1, k)]
             w = exp_multistep_weights(h, nodes)
             x, net_in, D = _step(net, p, x, net_in, s, a=sn / s, b=w[0], history=Ds[: k - 1], h=w[1:], **step)
@@ -317,7 +335,7 @@ def _unipc(x, net_in, t, p, net, order, kw):
         if sn == 0:
             return D
         h = lam[i + 1] - lam[i]
-        k = min(order, len(Ds) + 1)
+        k = min(order, len(Ds) + 1, _final_order(i, len(t) - 1))
         rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)]
         B_h = math.expm1(-h)
         rp, _ = unipc_coefficients(h, rks, k, B_h)
@@ -329,4 +347,78 @@ def _unipc(x, net_in, t, p, net, order, kw):
         x, net_in, _ = ops.multistep(x, a=sn / s, history=hist, h=hc, c_in_next=_c_in(p, sn), **kw)
         Ds = [D, *Ds][: max(order, 1)]
         prev = (h, rks, k)
+    return x
+
+
+def dpm3s_orders(steps: int) -> list[int]:
+    """The orders of DPM-Solver's singlestep_fixed for ``steps`` evaluations with order 3: threes, then
+    a 2 and a 1, a 1, or a 2 (summing to ``steps``)."""
+    if steps < 3:
+        return [1] * steps
+    K = steps // 3 + 1
+    if steps % 3 == 0:
+        return [3] * (K - 2) + [2, 1]
+    return [3] * (K - 1) + [steps % 3]
+
+
+def _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, state_dtype, kw, backend):
+    """DPM-Solver-3 singlestep in noise prediction eps = (x - D) / sigma, with alpha = 1 (EDM's sigma):
+
+        order 1: x_t = x - sigma_t expm1(h) eps_s
+        order 2 (r1 = 1/2): x_s1 = x - sigma_s1 expm1(r1 h) eps_s
+                 x_t = x - sigma_t expm1(h) eps_s - sigma_t/(2 r1) expm1(h) (eps_s1 - eps_s)
+        order 3 (r1 = 1/3, r2 = 2/3): x_s1 as above with r1;
+                 x_s2 = x - sigma_s2 expm1(r2 h) eps_s - (r2/r1) sigma_s2 phi_22 (eps_s1 - eps_s)
+                 x_t  = x - sigma_t expm1(h) eps_s - (1/r2) sigma_t phi_2 (eps_s2 - eps_s)
+        with phi_22 = expm1(r2 h)/(r2 h) - 1, phi_2 = expm1(h)/h - 1, h = lambda_t - lambda_s.
+
+    eps at a point is the op's "D" with coefficients ((1 - c_skip)/sigma, -c_out/sigma)."""
+    p = denoiser.precond
+    orders = dpm3s_orders(steps)
+    K = len(orders)
+    outer = [float(v) for v in time_steps(K + 1, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                                          precond=p)][:-1]  # K + 1 nonzero levels, sigma_max .. sigma_min
+    device = net.device
+    B = seeds.numel()
+    shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    x = outer[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend).to(state_dtype)
+
+    def eps_kw(sig):
+        d = net.d_kw(p, sig)  # D = c_skip x + c_out F (+ w_G G): eps = x/sig - D/sig
+        e = dict(c_skip=(1 - d["c_skip"]) / sig, c_out=-d["c_out"] / sig)
+        if "w_G" in d:
+            e["w_G"] = -d["w_G"] / sig
+        return e
+
+    def ev(xk, net_in, sig, nxt, **k):
+        """eps at (xk, sig) into the update; also the net input for sigma ``nxt``."""
+        F, G = net(net_in, sig)
+        return ops.multistep(xk, F, G=G, **eps_kw(sig), **k, c_in_next=_c_in(p, nxt), **kw)
+
+    _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, outer[0]), **kw)
+    for k, order in enumerate(orders):
+        s, tn = outer[k], outer[k + 1]
+        h = math.log(s) - math.log(tn)
+        lam_s = -math.log(s)
+        sig_at = lambda r: math.exp(-(lam_s + r * h))  # noqa: E731
+        phi_1 = math.expm1(h)
+        if order == 1:
+            x, net_in, _ = ev(x, net_in, s, tn, a=1.0, b=-tn * phi_1)
+            continue
+        r1 = 0.5 if order == 2 else 1 / 3
+        s1 = sig_at(r1)
+        x_s1, net_s1, eps_s = ev(x, net_in, s, s1, a=1.0, b=-s1 * math.expm1(r1 * h), keep=(0.0, 1.0))
+        if order == 2:
+            c = tn / (2 * r1) * phi_1
+            x, net_in, _ = ev(x_s1, net_s1, s1, tn, a=0.0, b=-c, history=[x, eps_s], h=[1.0, -tn * phi_1 + c])
+            continue
+        r2 = 2 / 3
+        s2 = sig_at(r2)
+        phi_22 = math.expm1(r2 * h) / (r2 * h) - 1
+        c2 = r2 / r1 * s2 * phi_22
+        x_s2, net_s2, _ = ev(x_s1, net_s1, s1, s2, a=0.0, b=-c2, history=[x, eps_s],
+                             h=[1.0, -s2 * math.expm1(r2 * h) + c2])
+        phi_2 = phi_1 / h - 1
+        c3 = tn / r2 * phi_2
+        x, net_in, _ = ev(x_s2, net_s2, s2, tn, a=0.0, b=-c3, history=[x, eps_s], h=[1.0, -tn * phi_1 + c3])
     return x

@@ -21,7 +21,7 @@ from fdm_fast import ops, schedules
 
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else []) + (["cpu" if DEVICE.type == "cpu" else "cuda"]
                                                                if HAS_CPU_EXT else [])
-OPS = ["perturb", "perturb_noise", "loss", "loss_noise", "churn", "euler", "heun", "heun_churn"]
+OPS = ["perturb", "perturb_noise", "loss", "loss_noise", "churn", "euler", "heun", "heun_churn", "multistep"]
 CASES = 12  # per (op, backend); FDM_FAST_LAYOUT_CASES raises it for a longer hunt
 NOISE_ATOL = 1e-6  # per unit sigma: backends round Box-Muller's log/sin/cos differently (test_ops.py)
 
@@ -157,6 +157,28 @@ def _run_case(op: str, backend: str, case: int):
             assert_close(f"{ctx}: net_in", ni, nr, None, dtype=net_dt, floor_ulps=64,
                          extra_atol=scale * p.c_in(th.double()).abs())
             _expect_layout(ctx, xo, x)
+        elif op == "multistep":  # the solvers' step: up to 4 stored tensors, guidance, noise, kept output
+            (F, lf), (G, lg) = arg(net_dt), arg(net_dt)
+            K = r.randrange(0, 5)
+            hs = [arg() for _ in range(K)]
+            H = [t for t, _ in hs]
+            noisy = r.random() < 0.5
+            noise, ln = arg() if noisy and r.random() < 0.3 else (None, None)
+            coef = lambda: (torch.rand(B, generator=g).to(DEVICE) - 0.3) if r.random() < 0.5 else r.random() - 0.3  # noqa: E731,E501
+            c = dict(c_skip=coef(), c_out=coef(), a=coef(), b=coef(), w_G=coef(), h=[coef() for _ in range(K)],
+                     noise_scale=r.random() if noisy else 0.0, c_in_next=coef(), keep=(coef(), coef()))
+            out = ops.multistep(x, F, G=G, history=H, noise=noise, net_dtype=net_dt, backend=backend, **c, **kw)
+            ref = ops.multistep(_f64(x), _f64(F), G=_f64(G), history=[_f64(t) for t in H], noise=_f64(noise),
+                                net_dtype=torch.float64, backend="torch", **c, **kw)
+            eag = ops.multistep(x.contiguous(), F.contiguous(), G=G.contiguous(), history=[t.contiguous() for t in H],
+                                noise=noise, net_dtype=net_dt, backend="torch", **c, **kw)
+            extra = NOISE_ATOL * c["noise_scale"] + 1e-6
+            lays = f"layouts x={lx} F={lf} G={lg} H={[la for _, la in hs]} noise={ln}"
+            for name, o, w, e, dt in zip(("x_next", "net_in", "kept"), out, ref, eag, (torch.float32, net_dt,
+                                                                                    torch.float32)):
+                assert_close(f"{ctx}, {lays}: {name}", o, w, e, dtype=dt, floor_ulps=64 if dt != torch.float32 else 8,
+                             extra_atol=extra * (1 if name != "net_in" else 4))
+            _expect_layout(ctx, out[0], x)
         elif op == "euler":
             (F, lf), tn = arg(net_dt), s0 * torch.rand(B, generator=g).to(DEVICE)
             xo, d, ni = ops.euler_step(x, F, s0, tn, p, net_dtype=net_dt, backend=backend)
@@ -193,6 +215,8 @@ def _run_case(op: str, backend: str, case: int):
 def test_any_layout_gives_the_reference_answer(poison, op, backend):
     import os
 
+    if op == "multistep" and backend in ("cpu", "cuda"):
+        pytest.skip("ops.multistep has no compiled backend (torch and triton only)")
     for case in range(int(os.environ.get("FDM_FAST_LAYOUT_CASES", CASES))):
         _run_case(op, backend, case)
 

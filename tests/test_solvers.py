@@ -308,3 +308,30 @@ def test_cond_drop_needs_cond():
         resolve(parse_args(["--ds", "digits", "--cond-drop", "0.1"]))
     with pytest.raises(SystemExit, match=r"--cond-drop: expected a probability in \[0, 1\), got 1.0"):
         resolve(parse_args(["--ds", "digits", "--cond", "--cond-drop", "1"]))
+
+
+@pytest.mark.parametrize("schedule", ["logsnr", "edm"])
+def test_dpm3s_singlestep_third_order(schedule):
+    """DPM-Solver-3 (singlestep) returns x at sigma_min: against the exact solution there, in float64,
+    with runs whose last outer step is second order (steps = 3K + 2): order >= 3 in the outer steps."""
+    g, seeds = gaussian(), list(range(16))
+    errs, Ks = [], []
+    for n in (26, 50, 98):
+        K = len(solvers.dpm3s_orders(n))
+        x = solvers.sample(g, seeds, solver="dpm3s", steps=n, schedule=schedule, backend="torch",
+                           net_dtype=torch.float64, state_dtype=torch.float64)
+        ts = time_steps(K + 1, schedule, precond=g.precond)
+        t0, tl, s2 = float(ts[0]), float(ts[-2]), float(g.stds[0]) ** 2
+        xT = t0 * ops.randn((len(seeds), *g.shape), seed=torch.tensor(seeds), offset=0, backend="torch").double()
+        mu = g.means[0].reshape(1, *g.shape)
+        errs.append((x - (mu + (xT - mu) * math.sqrt((s2 + tl**2) / (s2 + t0**2)))).pow(2).mean().sqrt().item())
+        Ks.append(K)
+    slope = math.log(errs[0] / errs[-1]) / math.log(Ks[-1] / Ks[0])
+    assert 2.8 < slope < 5.0, (slope, errs)
+
+
+def test_dpm3s_orders_spend_exactly_the_steps():
+    for n in range(1, 40):
+        o = solvers.dpm3s_orders(n)
+        assert sum(o) == n and all(k in (1, 2, 3) for k in o), (n, o)
+        assert o[: max(0, len(o) - 2)] == [3] * max(0, len(o) - 2) or n < 3

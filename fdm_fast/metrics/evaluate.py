@@ -70,16 +70,21 @@ class SampleEvaluator:
 
     def __init__(self, name: str, *, num: int = 500, steps: int = 9, batch: int = 250, device="cpu",
                  inception: Optional[str] = None, ref: Optional[str] = None, sampler: str = "heun",
-                 scorer=None, log=lambda *a: None):
+                 scorer=None, log=lambda *a: None, schedule: str = "edm"):
         if name not in METRICS:
             raise MetricError(f"metric: expected one of {', '.join(METRICS)}, got {name!r}")
         if num < 2 or steps < 1 or batch < 1:
             raise MetricError(f"num >= 2, steps >= 1 and batch >= 1 expected, got {num}, {steps}, {batch}")
+        from .. import solvers
+
         self.name, self.num, self.steps, self.batch, self.sampler = name, num, steps, batch, sampler
+        self.schedule = schedule
         self.device = torch.device(device)
         self.primary = METRICS[name]
-        if sampler not in ("heun", "euler", "dpm2m"):
-            raise MetricError(f"sampler: expected heun, euler or dpm2m, got {sampler!r}")
+        if sampler not in ("dpm2m", *solvers.SOLVERS):
+            raise MetricError(f"sampler: expected dpm2m or one of {', '.join(solvers.SOLVERS)}, got {sampler!r}")
+        if schedule not in solvers.SCHEDULES:
+            raise MetricError(f"schedule: expected one of {', '.join(solvers.SCHEDULES)}, got {schedule!r}")
         if name == "digits-fd":
             from .digits import DigitsMetrics
 
@@ -95,10 +100,13 @@ class SampleEvaluator:
 
     @property
     def nfe(self) -> int:
-        return 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+        from .. import solvers
+
+        return solvers.nfe({"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler), self.steps)
 
     @torch.no_grad()
     def samples(self, net) -> torch.Tensor:
+        from .. import solvers
         from ..sampling import dpm_solver_pp_2m, edm_sampler
 
         out = []
@@ -108,8 +116,11 @@ class SampleEvaluator:
             labels = None
             if label_dim:
                 labels = torch.eye(label_dim, device=self.device)[torch.tensor(seeds, device=self.device) % label_dim]
-            if self.sampler == "dpm2m":
+            if self.sampler == "dpm2m" and self.schedule == "edm":
                 x = dpm_solver_pp_2m(net, seeds, num_steps=self.steps, class_labels=labels, device=self.device)
+            elif self.sampler not in ("heun", "euler") or self.schedule != "edm":
+                x = solvers.sample(net, seeds, solver={"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler),
+                                   steps=self.steps, schedule=self.schedule, class_labels=labels, device=self.device)
             else:
                 x = edm_sampler(net, seeds, num_steps=self.steps, class_labels=labels, device=self.device,
                                 heun=self.sampler == "heun")
@@ -136,4 +147,5 @@ class SampleEvaluator:
         finally:
             net.train(was_training)
         values = {k: float(v) for k, v in values.items()}
-        return dict(values, nfe=self.nfe, num=self.num, sampler=self.sampler, seconds=time.time() - t0)
+        return dict(values, nfe=self.nfe, num=self.num, sampler=self.sampler, schedule=self.schedule,
+                    seconds=time.time() - t0)
