@@ -19,7 +19,8 @@
 #          at 64x64 (FFHQ config, batch 64) with its torch.compile rows, then sampler_speed.py at batch 64
 #          (64x64 DDPM++, NFE 35)
 #   c      (GPU_CHECK_MODE=c, stage limits sum to 300 s; what is left of a session after b):
-#          sampler_speed.py at batch 1, ops_bandwidth.py with device time, the CUDA-graph and dispatch tests
+#          sampler_speed.py at batch 1, ops_bandwidth.py with device time, the CUDA-graph tests (every sampler
+#          and solver), the dispatch tests and ops.multistep on the cuda and triton backends
 # Every part begins with the build and benchmarks/ext_probe.py (the crash of a C++ argument error seen
 # on the H200). The benchmarks get a --time-budget a little under their stage's limit, so a slow
 # compile costs repetitions or rows, reported as such, instead of the whole table.
@@ -98,7 +99,8 @@ if [ "$mode" = "quick" ]; then
     --preset digits --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1
 elif [ "$mode" = "a" ]; then
   stage tests 100 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist -k "edm or gpu or cuda or graph or compile or device_named" \
-    tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py
+    tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py \
+    tests/test_multistep.py
   stage layouts 45 "$out/layouts.log" env FDM_FAST_LAYOUT_CASES=6 $py -m pytest -v -p no:cacheprovider $xdist \
     tests/test_layouts.py tests/test_opcheck.py tests/test_sync_free.py
   stage sync 30 "$out/sync.log" $py benchmarks/sync_check.py --steps 10
@@ -119,8 +121,8 @@ else
     --batch 1 --speed-nfe 35 --no-nfe-study --reps 5 --time-budget 85
   stage bench 100 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
     --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun
-  stage graphs 60 "$out/graphs.log" $py -m pytest -v -p no:cacheprovider $xdist -k "graph or dispatch or default" \
-    tests/test_sampling.py tests/test_errors_dispatch.py
+  stage graphs 60 "$out/graphs.log" $py -m pytest -v -p no:cacheprovider $xdist -k "graph or dispatch or default or cuda or triton" \
+    tests/test_sampling.py tests/test_errors_dispatch.py tests/test_multistep.py
 fi
 echo "done" | tee -a "$summary"
 pack

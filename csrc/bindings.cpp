@@ -367,6 +367,59 @@ std::tuple<Tensor, Tensor> heun_step(const Tensor& x, const Tensor& d, const Ten
   return {x_out, net_in};
 }
 
+// The solvers' step; see fdm_fast/ops/__init__.py multistep and MultistepArgs for the coefficient columns.
+std::tuple<Tensor, Tensor, Tensor> multistep(const Tensor& x, const optional<Tensor>& F, const optional<Tensor>& G,
+                                             at::TensorList history, const Tensor& coef, const Tensor& rng,
+                                             const optional<Tensor>& noise, bool draws, at::ScalarType net_dtype,
+                                             bool write_net, bool write_keep) {
+  const DeviceGuard device_guard(x);
+  fdm::MultistepArgs a{geometry_of(x, "x")};
+  check_float32(x, "x");
+  if (F.has_value()) {
+    check_like(*F, "F", x, "x");
+    a.F_t = dtype_from(F->scalar_type(), "F");
+  }
+  if (G.has_value()) {
+    TORCH_CHECK_VALUE(F.has_value(), "G: a guiding network output needs F (the main one)");
+    check_like(*G, "G", x, "x");
+    a.G_t = dtype_from(G->scalar_type(), "G");
+  }
+  const int64_t K = static_cast<int64_t>(history.size());
+  TORCH_CHECK_VALUE(K <= fdm::kMaxHistory, "history: expected at most ", fdm::kMaxHistory, " stored tensors, got ", K);
+  static const char* hname[fdm::kMaxHistory] = {"history[0]", "history[1]", "history[2]", "history[3]"};
+  for (int64_t k = 0; k < K; ++k) {
+    check_float32(history[k], hname[k]);
+    check_like(history[k], hname[k], x, "x");
+  }
+  TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "coef: expected float32, got ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(1) == 9 + K && (coef.size(0) == 1 || coef.size(0) == x.size(0)) &&
+                        coef.is_contiguous(),
+                    "coef: expected a contiguous [1, ", 9 + K, "] or [", x.size(0), ", ", 9 + K,
+                    "] tensor (the coefficient columns), got shape ", coef.sizes());
+  TORCH_CHECK_VALUE(coef.device() == x.device(), "coef: expected device ", x.device(), ", got ", coef.device());
+  a.net_t = dtype_from(net_dtype, "net_dtype");
+  Tensor keep_noise;
+  a.noise = noise_from(rng, noise, x, keep_noise);
+  a.draws = draws;
+  a.K = static_cast<int>(K);
+  a.coef_stride = coef.size(0) > 1 ? coef.size(1) : 0;
+  const auto none = [&] { return at::empty({0}, x.options().dtype(at::kFloat)); };  // distinct: outputs never alias
+  Tensor x_out = empty_like_layout(x, at::kFloat);
+  Tensor net_in = write_net ? empty_like_layout(x, net_dtype) : none();
+  Tensor kept = write_keep ? empty_like_layout(x, at::kFloat) : none();
+  if (x.device().is_meta()) return {x_out, net_in, kept};
+  a.x = x.data_ptr<float>();
+  a.F = F.has_value() ? F->data_ptr() : nullptr;
+  a.G = G.has_value() ? G->data_ptr() : nullptr;
+  for (int k = 0; k < fdm::kMaxHistory; ++k) a.H[k] = k < K ? history[k].data_ptr<float>() : nullptr;
+  a.coef = coef.data_ptr<float>();
+  a.x_out = x_out.data_ptr<float>();
+  a.net_in = write_net ? net_in.data_ptr() : nullptr;
+  a.keep = write_keep ? kept.data_ptr<float>() : nullptr;
+  run(x, a, &fdm::cpu::multistep, FDM_CUDA_FN(multistep));
+  return {x_out, net_in, kept};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fdm_fast_ext, m) {
@@ -384,6 +437,8 @@ TORCH_LIBRARY(fdm_fast_ext, m) {
         "ScalarType net_dtype, bool write_x, bool write_d) -> (Tensor, Tensor, Tensor)");
   m.def("heun_step(Tensor x, Tensor d, Tensor F, Tensor t_cur, Tensor t_next, Tensor? t_hat_next, Tensor rng, "
         "Tensor? noise, float S_noise, int kind, bool fdm, float[] params, ScalarType net_dtype) -> (Tensor, Tensor)");
+  m.def("multistep(Tensor x, Tensor? F, Tensor? G, Tensor[] history, Tensor coef, Tensor rng, Tensor? noise, "
+        "bool draws, ScalarType net_dtype, bool write_net, bool write_keep) -> (Tensor, Tensor, Tensor)");
 }
 
 #define FDM_REGISTER(KEY)                        \
@@ -396,6 +451,7 @@ TORCH_LIBRARY(fdm_fast_ext, m) {
     m.impl("churn", &churn);                     \
     m.impl("euler_step", &euler_step);           \
     m.impl("heun_step", &heun_step);             \
+    m.impl("multistep", &multistep);             \
   }
 
 FDM_REGISTER(CPU)

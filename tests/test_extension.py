@@ -54,6 +54,12 @@ def ext():
     (lambda: ext().heun_step(y, y, y, sigma, sigma, torch.ones(5), rng, None, 1.0, *SPEC, torch.float32), ValueError,
      r"t_hat_next: expected a contiguous \[2\] tensor"),
     (lambda: ext().randn([0, 3], rng), ValueError, r"shape: expected a non-empty shape"),
+    (lambda: ext().multistep(y, y, None, [y], torch.ones(1, 9), rng, None, False, torch.float32, True, False),
+     ValueError, r"coef: expected a contiguous \[1, 10\] or \[2, 10\] tensor"),
+    (lambda: ext().multistep(y, None, y, [], torch.ones(1, 9), rng, None, False, torch.float32, True, False),
+     ValueError, r"G: a guiding network output needs F"),
+    (lambda: ext().multistep(y, y, None, [y.half()], torch.ones(1, 10), rng, None, False, torch.float32, True, False),
+     TypeError, r"history\[0\]: expected float32"),
     (lambda: ext().scale_grad(torch.empty(0, 3), torch.ones(0)), ValueError, r"G: expected a batch"),
 ])
 def test_bad_input_raises_a_python_error(call, exc, match):

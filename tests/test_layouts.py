@@ -215,8 +215,6 @@ def _run_case(op: str, backend: str, case: int):
 def test_any_layout_gives_the_reference_answer(poison, op, backend):
     import os
 
-    if op == "multistep" and backend in ("cpu", "cuda"):
-        pytest.skip("ops.multistep has no compiled backend (torch and triton only)")
     for case in range(int(os.environ.get("FDM_FAST_LAYOUT_CASES", CASES))):
         _run_case(op, backend, case)
 

@@ -7,12 +7,11 @@ import itertools
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, assert_close, requires_triton_on_cpu
+from conftest import DEVICE, HAS_CPU_EXT, HAS_CUDA, assert_close, requires_triton_on_cpu
 from fdm_fast import ops
 
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton_on_cpu)]
-if HAS_CUDA:
-    BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton_on_cpu) if not HAS_CUDA else "triton"] + \
+    (["cuda" if HAS_CUDA else "cpu"] if HAS_CPU_EXT else [])
 
 
 def _want(x, F, G, H, c, noise, dt=torch.float64):
@@ -99,13 +98,15 @@ def test_multistep_errors_and_dispatch(monkeypatch):
         ops.multistep(x, history=[x[:1]], h=[1.0])
     with pytest.raises(ValueError, match=r"G: a guiding network output needs F"):
         ops.multistep(x, G=x)
-    # the compiled backends do not implement it: never picked by default, an error when asked for
-    assert ops.select_backend("cpu") in ("cpu", "torch")
+    # an op that some backend lacks (_backends.PARTIAL; none today): never picked by default, an error
+    # naming the op when asked for
     from fdm_fast.ops import _backends
     monkeypatch.setattr(_backends, "unavailable_reason", lambda b, d: "")
-    assert _backends._select("cuda", None, None, "multistep") == "triton"
-    assert _backends._select("cpu", None, None, "multistep") == "torch"
-    with pytest.raises(ValueError, match=r"backend='cuda': the cuda backend does not implement ops.multistep"):
-        _backends._select("cuda", "cuda", None, "multistep")
+    monkeypatch.setitem(_backends.PARTIAL, "newop", ("torch", "triton"))
+    assert _backends._select("cuda", None, None, "newop") == "triton"
+    assert _backends._select("cpu", None, None, "newop") == "torch"
+    assert _backends._select("cuda", None, None, "multistep") == "cuda"
+    with pytest.raises(ValueError, match=r"backend='cuda': the cuda backend does not implement ops.newop"):
+        _backends._select("cuda", "cuda", None, "newop")
     with pytest.raises(ValueError, match=r"\$FDM_FAST_BACKEND='cpu': the cpu backend does not implement"):
-        _backends._select("cpu", None, "cpu", "multistep")
+        _backends._select("cpu", None, "cpu", "newop")

@@ -52,12 +52,13 @@ def _cases(ns, device, cl):
             (ops.loss_bwd, (i["s"], i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec)),
             (ops.euler_step, (i["x"], i["y"], i["s"] * 2, i["s"], *spec, torch.float32, False, True)),
             (ops.churn, (i["x"], i["s"], None, i["rng"], None, 1.0, *spec, torch.float32)),
-            # the solvers' step: 2 stored tensors, guidance, noise, all outputs; and the bare form
-            (ops.multistep, (i["x"], i["F"], i["y"], [i["d"], i["x"]], torch.rand(2, 9 + 2).to(device), i["rng"],
-                             None, True, torch.bfloat16, True, True)),
-            (ops.multistep, (i["x"], None, None, [], torch.rand(1, 9).to(device), i["rng"][:1], None, False,
-                             torch.float32, False, False)),
         ]
+    cases += [  # the solvers' step: 2 stored tensors, guidance, noise, all outputs; and the bare form
+        (ops.multistep, (i["x"], i["F"], i["y"], [i["d"], i["x"]], torch.rand(2, 9 + 2).to(device), i["rng"],
+                         None, True, torch.bfloat16, True, True)),
+        (ops.multistep, (i["x"], None, None, [], torch.rand(1, 9).to(device), i["rng"][:1], None, False,
+                         torch.float32, False, False)),
+    ]
     return cases
 
 

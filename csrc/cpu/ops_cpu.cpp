@@ -385,6 +385,48 @@ void heun_impl(const HeunArgs& a) {
   });
 }
 
+// One row of the coefficient table: x_next = a x + b D + sum_k h_k H_k + s n, D = c_skip x + w_F F + w_G G.
+template <class TF, class TG, class TO>
+void multistep_impl(const MultistepArgs& a) {
+  const TF* __restrict F = static_cast<const TF*>(a.F);
+  const TG* __restrict G = static_cast<const TG*>(a.G);
+  TO* __restrict net = static_cast<TO*>(a.net_in);
+  const float* __restrict x = a.x;
+  float* __restrict xo = a.x_out;
+  float* __restrict kp = a.keep;
+  const int K = a.K;
+  for_chunks(a.g, [&](int64_t b, int64_t, int64_t j0, int64_t n, float* __restrict nz) {
+    const float* row = a.coef + b * a.coef_stride;
+    const float c_skip = row[0], w_f = row[1], w_g = row[2], ca = row[3], cb = row[4];
+    float h[kMaxHistory] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < K; ++k) h[k] = row[5 + k];
+    const float s = row[5 + K], cin = row[6 + K], p = row[7 + K], q = row[8 + K];
+    const bool noisy = a.draws && s != 0.0f;
+    if (noisy) fill_noise(a.noise, a.g, b, j0, n, nz);
+    const float* H0 = a.H[0];
+    const float* H1 = a.H[1];
+    const float* H2 = a.H[2];
+    const float* H3 = a.H[3];
+    for_elements(a.g, b, j0, n, [&](int64_t k, int64_t i) {
+      const float xv = x[i];
+      float D = 0.0f;
+      if (F) {
+        D = c_skip * xv + w_f * ld(F, i);
+        if (G) D += w_g * ld(G, i);
+      }
+      float acc = ca * xv + cb * D;
+      if (K > 0) acc += h[0] * H0[i];
+      if (K > 1) acc += h[1] * H1[i];
+      if (K > 2) acc += h[2] * H2[i];
+      if (K > 3) acc += h[3] * H3[i];
+      if (noisy) acc += s * nz[k];
+      xo[i] = acc;
+      if (net) st(net, i, cin * acc);
+      if (kp) kp[i] = p * xv + q * D;
+    });
+  });
+}
+
 }  // namespace
 
 int64_t loss_parts(const Geometry& g) { return (g.P + kChunk - 1) / kChunk; }
@@ -415,6 +457,15 @@ void euler_step(const EulerArgs& a) {
 
 void heun_step(const HeunArgs& a) {
   FDM_DISPATCH(a.F_t, TF, [&] { FDM_DISPATCH(a.net_t, TO, [&] { heun_impl<TF, TO>(a); }); });
+}
+
+void multistep(const MultistepArgs& a) {
+  // an absent F / G / net_in is dispatched as float (its pointer is null and never read)
+  FDM_DISPATCH(a.F ? a.F_t : DType::F32, TF, [&] {
+    FDM_DISPATCH(a.G ? a.G_t : DType::F32, TG, [&] {
+      FDM_DISPATCH(a.net_in ? a.net_t : DType::F32, TO, [&] { multistep_impl<TF, TG, TO>(a); });
+    });
+  });
 }
 
 void randn(const RandnArgs& a) {

@@ -14,6 +14,7 @@ void scale_grad(const LossArgs& a, void* stream);
 void churn(const ChurnArgs& a, void* stream);
 void euler_step(const EulerArgs& a, void* stream);
 void heun_step(const HeunArgs& a, void* stream);
+void multistep(const MultistepArgs& a, void* stream);
 void randn(const RandnArgs& a, void* stream);
 }  // namespace cuda
 }  // namespace fdm

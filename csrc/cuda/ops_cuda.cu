@@ -337,6 +337,56 @@ __global__ void __launch_bounds__(kThreads) heun_kernel(HeunArgs a, bool vec) {
   }
 }
 
+template <class TF, class TG, class TO>
+__global__ void __launch_bounds__(kThreads) multistep_kernel(MultistepArgs a, bool vec) {
+  const Geometry& g = a.g;
+  const int K = a.K;
+  FDM_SAMPLES {
+    const float* row = a.coef + b * a.coef_stride;  // c_skip, w_F, w_G, a, b, h_1..h_K, s, c_in_next, p, q
+    const float c_skip = row[0], w_f = row[1], w_g = row[2], ca = row[3], cb = row[4];
+    const float s = row[5 + K], cin = row[6 + K], p = row[7 + K], qq = row[8 + K];
+    const bool noisy = a.draws && s != 0.0f;
+    FDM_GROUPS {
+      const int64_t j = group_start(g, q);
+      float x[4], D[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc[4], o[4], n[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      load4(a.x, g, b, j, vec, x);
+      if (a.F) {
+        float f[4];
+        load4(static_cast<const TF*>(a.F), g, b, j, vec, f);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) D[k] = c_skip * x[k] + w_f * f[k];
+        if (a.G) {
+          load4(static_cast<const TG*>(a.G), g, b, j, vec, f);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) D[k] += w_g * f[k];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[k] = ca * x[k] + cb * D[k];
+      for (int m = 0; m < K; ++m) {
+        float hv[4];
+        load4(a.H[m], g, b, j, vec, hv);
+        const float hm = row[5 + m];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[k] += hm * hv[k];
+      }
+      if (noisy) noise4(a.noise, g, b, j, vec, n);  // no Philox for a sample that adds no noise
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        acc[k] += s * n[k];
+        o[k] = cin * acc[k];
+      }
+      store4(a.x_out, g, b, j, vec, acc);
+      if (a.net_in) store4(static_cast<TO*>(a.net_in), g, b, j, vec, o);
+      if (a.keep) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) o[k] = p * x[k] + qq * D[k];
+        store4(a.keep, g, b, j, vec, o);
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) randn_kernel(RandnArgs a, bool vec) {
   const Geometry& g = a.g;
   FDM_SAMPLES {
@@ -470,6 +520,20 @@ void heun_step(const HeunArgs& a, void* stream) {
     });
   });
   check(cudaGetLastError(), "heun_step launch");
+}
+
+void multistep(const MultistepArgs& a, void* stream) {
+  const bool vec = wide(a.g, {{a.x, 4}, {a.F, a.F ? size_of(a.F_t) : 4}, {a.G, a.G ? size_of(a.G_t) : 4},
+                              {a.H[0], 4}, {a.H[1], 4}, {a.H[2], 4}, {a.H[3], 4}, {a.x_out, 4},
+                              {a.net_in, a.net_in ? size_of(a.net_t) : 4}, {a.keep, 4}, {a.noise.explicit_noise, 4}});
+  FDM_DISPATCH(a.F ? a.F_t : DType::F32, TF, [&] {
+    FDM_DISPATCH(a.G ? a.G_t : DType::F32, TG, [&] {
+      FDM_DISPATCH(a.net_in ? a.net_t : DType::F32, TO, [&] {
+        multistep_kernel<TF, TG, TO><<<grid_for(a.g), kThreads, 0, as_stream(stream)>>>(a, vec);
+      });
+    });
+  });
+  check(cudaGetLastError(), "multistep launch");
 }
 
 void randn(const RandnArgs& a, void* stream) {

@@ -101,6 +101,28 @@ struct HeunArgs {
   DType net_t;
 };
 
+// The solvers' step (fdm_fast.ops.multistep): per-sample coefficient rows, columns
+// c_skip, w_F, w_G, a, b, h_1..h_K, s, c_in_next, p, q (coef_stride 0: one shared row).
+constexpr int kMaxHistory = 4;
+struct MultistepArgs {
+  Geometry g;
+  const float* x;
+  const void* F;  // nullable: no network output (b must be 0)
+  DType F_t;
+  const void* G;  // nullable: no guiding output
+  DType G_t;
+  const float* H[kMaxHistory];
+  int K;
+  const float* coef;
+  int64_t coef_stride;
+  Noise noise;
+  bool draws;  // add the noise column's term (the kernels skip samples whose column is 0)
+  float* x_out;
+  void* net_in;  // nullable: not written
+  DType net_t;
+  float* keep;  // nullable: not written
+};
+
 struct RandnArgs {
   Geometry g;  // B samples of P elements, contiguous
   Noise noise;
@@ -116,6 +138,7 @@ void scale_grad(const LossArgs& a);
 void churn(const ChurnArgs& a);
 void euler_step(const EulerArgs& a);
 void heun_step(const HeunArgs& a);
+void multistep(const MultistepArgs& a);
 void randn(const RandnArgs& a);
 }  // namespace cpu
 

@@ -314,8 +314,7 @@ def multistep(x: torch.Tensor, F: Optional[torch.Tensor] = None, *, c_skip=0.0, 
     x and history are float32 sampler state (at most 4 stored tensors), F and G network outputs of
     any network dtype, the layout of x for all. Every coefficient is a number or a per-sample [B]
     tensor. n is the contract noise at (seed, offset), drawn only where noise_scale is not zero (or
-    ``noise`` when given). Returns (x_next, net_in or None, kept or None). Backends: torch and triton
-    (the compiled backends do not implement it: the default picks triton on CUDA, torch on CPU).
+    ``noise`` when given). Returns (x_next, net_in or None, kept or None). Every backend.
     """
     V.tensor("x", x)
     history = list(history)
@@ -356,9 +355,11 @@ def multistep(x: torch.Tensor, F: Optional[torch.Tensor] = None, *, c_skip=0.0, 
     if be == "torch":
         x_next, net_in, kept = reference.multistep(x, F, G, history, coef, rng if draws and noise is None else None,
                                                    noise if draws else None, nd, wn, wk)
-    else:
+    elif be == "triton":
         x_next, net_in, kept = triton_module("sampler").multistep(x, F, G, history, coef, rng, noise, draws, nd,
                                                                   wn, wk)
+    else:
+        x_next, net_in, kept = _ext_call(be, "multistep", x, F, G, history, coef, rng, noise, draws, nd, wn, wk)
     return x_next, (net_in if wn else None), (kept if wk else None)
 
 

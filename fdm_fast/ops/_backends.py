@@ -95,7 +95,7 @@ def available_backends(device=None) -> list[str]:
 
 # Ops that not every backend implements: {op: the backends that do}. The default order skips the
 # others; asking for one of them (backend= or the environment) is an error naming the op.
-PARTIAL = {"multistep": ("torch", "triton")}
+PARTIAL: dict = {}  # every op is implemented by every backend today
 
 
 def select(device: torch.device, backend: Optional[str] = None, op: str = "") -> str:

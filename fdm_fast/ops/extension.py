@@ -70,6 +70,12 @@ def _heun_fake(x, d, F, t_cur, t_next, t_hat_next, rng, noise, S_noise, kind, fd
     return _like(x, torch.float32), _like(x, net_dtype)
 
 
+@torch.library.register_fake("fdm_fast_ext::multistep")
+def _multistep_fake(x, F, G, history, coef, rng, noise, draws, net_dtype, write_net, write_keep):
+    return (_like(x, torch.float32), _like(x, net_dtype) if write_net else _none(x),
+            _like(x, torch.float32) if write_keep else _none(x))
+
+
 def has_cpu() -> bool:
     return bool(_C.has_cpu())
 
