@@ -15,10 +15,10 @@ with a step to sigma = 0. NFE (network evaluations per image, ``nfe(solver, step
     dpm++2m-sde   steps            DPM-Solver++(2M) SDE (midpoint form, eta = 1), noise from the contract
     ipndm         steps            iPNDM: 4th-order Adams-Bashforth in sigma with warm-up orders
     unipc         steps            UniPC (Zhao et al. 2023), bh2, order 3 with the UniC corrector
-    dpm3s         steps            DPM-Solver-3 (Lu et al. 2022), singlestep, noise prediction: outer steps
-                                   of 3 evaluations (r1 = 1/3, r2 = 2/3), the last ones of order 2 or 1 so
-                                   that NFE = steps exactly, as DPM-Solver's "singlestep_fixed"; its
-                                   outer steps run to sigma_min and it returns x there (no step to 0)
+    dpm3s         steps            the official FDM code's DPM-Solver: DPM-Solver++ singlestep order 3
+                                   (Lu et al. 2022), outer steps of 3 evaluations (r = 0, 1/3, 2/3), the
+                                   last of order 2 or 1 (DPM-Solver's plan), to sigma_min, then D there:
+                                   NFE = steps (>= 2); the official uses --schedule logsnr
 
 With guidance (``guidance=w``), each evaluation combines a main and a guiding network output,
 D = D_guide + w (D_main - D_guide): classifier-free guidance (the guide is the same network with the
@@ -80,6 +80,8 @@ def check_options(solver: str, steps: int, schedule: str = "edm", order: Optiona
         raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if solver == "dpm3s" and steps < 2:
+        raise ValueError(f"steps: dpm3s needs at least 2 (one solver step and the final denoising), got {steps}")
     if order is not None:
         allowed = ORDERS.get(solver, ())
         if order not in allowed:
@@ -362,19 +364,21 @@ def dpm3s_orders(steps: int) -> list[int]:
 
 
 def _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, state_dtype, kw, backend):
-    """DPM-Solver-3 singlestep in noise prediction eps = (x - D) / sigma, with alpha = 1 (EDM's sigma):
+    """The official FDM code's DPM-Solver (its generate.py ``--solver dpm``): DPM-Solver++ singlestep,
+    order 3, in data prediction with alpha = 1 (EDM's sigma), outer steps uniform in ``schedule``
+    (the official: logSNR), then the denoised estimate at sigma_min (``denoise_to_zero``): steps - 1
+    evaluations in the solver and one at the end, so NFE = steps. With h = lambda_t - lambda_s,
+    phi_1 = expm1(-h), phi_2 = phi_1 / h + 1, r1 = 1/3, r2 = 2/3, phi_1k = expm1(-r_k h),
+    phi_22 = expm1(-r2 h) / (r2 h) + 1:
 
-        order 1: x_t = x - sigma_t expm1(h) eps_s
-        order 2 (r1 = 1/2): x_s1 = x - sigma_s1 expm1(r1 h) eps_s
-                 x_t = x - sigma_t expm1(h) eps_s - sigma_t/(2 r1) expm1(h) (eps_s1 - eps_s)
-        order 3 (r1 = 1/3, r2 = 2/3): x_s1 as above with r1;
-                 x_s2 = x - sigma_s2 expm1(r2 h) eps_s - (r2/r1) sigma_s2 phi_22 (eps_s1 - eps_s)
-                 x_t  = x - sigma_t expm1(h) eps_s - (1/r2) sigma_t phi_2 (eps_s2 - eps_s)
-        with phi_22 = expm1(r2 h)/(r2 h) - 1, phi_2 = expm1(h)/h - 1, h = lambda_t - lambda_s.
-
-    eps at a point is the op's "D" with coefficients ((1 - c_skip)/sigma, -c_out/sigma)."""
+        order 1: x_t  = (s_t/s) x - phi_1 D_s
+        order 2: x_s1 = (s_1/s) x - phi_11 D_s   (r1 = 1/2)
+                 x_t  = (s_t/s) x - phi_1 D_s - (1/(2 r1)) phi_1 (D_s1 - D_s)
+        order 3: x_s1 = (s_1/s) x - phi_11 D_s
+                 x_s2 = (s_2/s) x - phi_12 D_s + (r2/r1) phi_22 (D_s1 - D_s)
+                 x_t  = (s_t/s) x - phi_1 D_s + (1/r2) phi_2 (D_s2 - D_s)"""
     p = denoiser.precond
-    orders = dpm3s_orders(steps)
+    orders = dpm3s_orders(steps - 1)
     K = len(orders)
     outer = [float(v) for v in time_steps(K + 1, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                           precond=p)][:-1]  # K + 1 nonzero levels, sigma_max .. sigma_min
@@ -383,42 +387,33 @@ def _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, sta
     shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     x = outer[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend).to(state_dtype)
 
-    def eps_kw(sig):
-        d = net.d_kw(p, sig)  # D = c_skip x + c_out F (+ w_G G): eps = x/sig - D/sig
-        e = dict(c_skip=(1 - d["c_skip"]) / sig, c_out=-d["c_out"] / sig)
-        if "w_G" in d:
-            e["w_G"] = -d["w_G"] / sig
-        return e
-
     def ev(xk, net_in, sig, nxt, **k):
-        """eps at (xk, sig) into the update; also the net input for sigma ``nxt``."""
+        """D at (xk, sig) into the update; also the net input for sigma ``nxt``."""
         F, G = net(net_in, sig)
-        return ops.multistep(xk, F, G=G, **eps_kw(sig), **k, c_in_next=_c_in(p, nxt), **kw)
+        return ops.multistep(xk, F, G=G, **net.d_kw(p, sig), **k, c_in_next=_c_in(p, nxt), **kw)
 
     _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, outer[0]), **kw)
     for k, order in enumerate(orders):
         s, tn = outer[k], outer[k + 1]
         h = math.log(s) - math.log(tn)
-        lam_s = -math.log(s)
-        sig_at = lambda r: math.exp(-(lam_s + r * h))  # noqa: E731
-        phi_1 = math.expm1(h)
+        sig_at = lambda r: s * math.exp(-r * h)  # noqa: E731
+        phi_1 = math.expm1(-h)
         if order == 1:
-            x, net_in, _ = ev(x, net_in, s, tn, a=1.0, b=-tn * phi_1)
+            x, net_in, _ = ev(x, net_in, s, tn, a=tn / s, b=-phi_1)
             continue
         r1 = 0.5 if order == 2 else 1 / 3
         s1 = sig_at(r1)
-        x_s1, net_s1, eps_s = ev(x, net_in, s, s1, a=1.0, b=-s1 * math.expm1(r1 * h), keep=(0.0, 1.0))
+        x_s1, net_s1, D_s = ev(x, net_in, s, s1, a=s1 / s, b=-math.expm1(-r1 * h), keep=(0.0, 1.0))
         if order == 2:
-            c = tn / (2 * r1) * phi_1
-            x, net_in, _ = ev(x_s1, net_s1, s1, tn, a=0.0, b=-c, history=[x, eps_s], h=[1.0, -tn * phi_1 + c])
+            c = phi_1 / (2 * r1)
+            x, net_in, _ = ev(x_s1, net_s1, s1, tn, a=0.0, b=-c, history=[x, D_s], h=[tn / s, -phi_1 + c])
             continue
         r2 = 2 / 3
         s2 = sig_at(r2)
-        phi_22 = math.expm1(r2 * h) / (r2 * h) - 1
-        c2 = r2 / r1 * s2 * phi_22
-        x_s2, net_s2, _ = ev(x_s1, net_s1, s1, s2, a=0.0, b=-c2, history=[x, eps_s],
-                             h=[1.0, -s2 * math.expm1(r2 * h) + c2])
-        phi_2 = phi_1 / h - 1
-        c3 = tn / r2 * phi_2
-        x, net_in, _ = ev(x_s2, net_s2, s2, tn, a=0.0, b=-c3, history=[x, eps_s], h=[1.0, -tn * phi_1 + c3])
+        c2 = r2 / r1 * (math.expm1(-r2 * h) / (r2 * h) + 1)
+        x_s2, net_s2, _ = ev(x_s1, net_s1, s1, s2, a=0.0, b=c2, history=[x, D_s],
+                             h=[s2 / s, -math.expm1(-r2 * h) - c2])
+        c3 = (phi_1 / h + 1) / r2
+        x, net_in, _ = ev(x_s2, net_s2, s2, tn, a=0.0, b=c3, history=[x, D_s], h=[tn / s, -phi_1 - c3])
+    x, _, _ = ev(x, net_in, outer[-1], outer[-1], a=0.0, b=1.0)  # denoise_to_zero: D at sigma_min
     return x
