@@ -1,4 +1,6 @@
-"""Samplers on the fused step ops (docs/design.md 1.3): EDM's Heun (deterministic or with churn) and Euler.
+"""Samplers on the fused step ops (docs/design.md 1.3): EDM's Heun (deterministic or with churn) and Euler,
+GraphedSampler (any sampler or solver as one CUDA graph), and the DPM-Solver++(2M) / iPNDM entry points
+of earlier versions, now ``fdm_fast.solvers`` (1.4).
 
 Sampler state is float32; the network runs in ``net_dtype``. Noise comes from the noise contract
 keyed by each image's own seed (per-sample seeds), so an image depends on its seed only, never on
@@ -13,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import ops
+from . import ops, solvers
 from .schedules import edm_time_steps
 
 
@@ -32,14 +34,6 @@ def _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backen
     t = [float(v) for v in edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=p)]
     x = t[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend)
     return device, seeds, B, p, t, x
-
-
-def _denoised(denoiser, p, x, s: float, seeds, B: int, device, class_labels, net_dtype, backend) -> torch.Tensor:
-    """D(x, s) in float32: the net input from the fused churn op (t_hat = t_cur: c_in x in one pass)."""
-    _, net_in = ops.churn(x, s, s, p, seed=seeds, net_dtype=net_dtype, backend=backend)
-    F = denoiser.raw(net_in, torch.full((B,), s, device=device), class_labels).to(torch.float32)
-    c_skip, c_out, _, _ = p.coefficients(torch.tensor(s, dtype=torch.float64))
-    return float(c_skip) * x + float(c_out) * F
 
 
 @torch.no_grad()
@@ -84,7 +78,6 @@ def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_step
     return x_hat
 
 
-@torch.no_grad()
 def dpm_solver_pp_2m(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_steps: int = 18,
                      sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                      class_labels: Optional[torch.Tensor] = None, net_dtype: torch.dtype = torch.float32,
@@ -95,40 +88,24 @@ def dpm_solver_pp_2m(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num
         x_next = (sigma_next / sigma) x - expm1(-h) D_i',  D_i' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
         r = h_last / h  (first step and the last step to sigma = 0 use D_i alone).
 
-    The official FDM code also offers a third-order singlestep variant with logSNR steps; it is not
-    implemented here.
+    ``solvers.sample(solver="dpm++2m")``, every step one fused ops.multistep call; the other solvers
+    (DPM-Solver++(3M), UniPC, the SDE variant, the official FDM code's DPM-Solver) and guidance are there.
     """
-    device, seeds, B, p, t, x = _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend)
-    old = None
-    for i in range(num_steps):
-        s, s_next = t[i], t[i + 1]
-        D = _denoised(denoiser, p, x, s, seeds, B, device, class_labels, net_dtype, backend)
-        if s_next == 0:
-            return D
-        h = math.log(s) - math.log(s_next)
-        if old is None:
-            Dp = D
-        else:
-            r = (math.log(t[i - 1]) - math.log(s)) / h
-            Dp = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * old
-        x = (s_next / s) * x - math.expm1(-h) * Dp
-        old = D
-    return x
+    return solvers.sample(denoiser, seeds, solver="dpm++2m", steps=num_steps, sigma_min=sigma_min,
+                          sigma_max=sigma_max, rho=rho, class_labels=class_labels, net_dtype=net_dtype, device=device,
+                          backend=backend)
 
 
-# Adams-Bashforth weights of orders 1-4 for equal steps, newest slope first.
-ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
-                   4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+ADAMS_BASHFORTH = solvers.ADAMS_BASHFORTH  # weights of orders 1-4 for equal steps, newest slope first
 
 
 def ipndm_step(x: torch.Tensor, slopes: Sequence[torch.Tensor], s: float, s_next: float) -> torch.Tensor:
-    """One iPNDM step: x + (s_next - s) * sum_j w_j d_j with the Adams-Bashforth weights of order
-    len(slopes) (newest slope first), whatever the step sizes, as iPNDM does."""
+    """One iPNDM step in plain tensor arithmetic (a reference for tests): x + (s_next - s) * sum_j w_j d_j
+    with the Adams-Bashforth weights of order len(slopes) (newest slope first), whatever the step sizes."""
     w = ADAMS_BASHFORTH[len(slopes)]
     return x + (s_next - s) * sum(wj * d for wj, d in zip(w, slopes))
 
 
-@torch.no_grad()
 def ipndm(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_steps: int = 10, max_order: int = 4,
           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
           class_labels: Optional[torch.Tensor] = None, net_dtype: torch.dtype = torch.float32,
@@ -136,17 +113,12 @@ def ipndm(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_steps: int
     """iPNDM (Zhang & Chen 2023; the 4th-order form benchmarked by zju-pi/diff-sampler): explicit
     Adams-Bashforth on EDM's ODE dx/dsigma = (x - D(x, sigma)) / sigma over EDM's sigma steps, with
     the last ``max_order`` slopes (order 1, 2, ... while they accumulate): NFE = num_steps, one
-    network call per step. Not yet on a fused op: the update is plain tensor arithmetic."""
+    network call per step. ``solvers.sample(solver="ipndm", order=max_order)``."""
     if max_order not in ADAMS_BASHFORTH:
         raise ValueError(f"max_order: expected 1, 2, 3 or 4, got {max_order!r}")
-    device, seeds, B, p, t, x = _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend)
-    slopes: list = []
-    for i in range(num_steps):
-        s, s_next = t[i], t[i + 1]
-        D = _denoised(denoiser, p, x, s, seeds, B, device, class_labels, net_dtype, backend)
-        slopes = [(x - D) / s, *slopes][:max_order]
-        x = ipndm_step(x, slopes, s, s_next)
-    return x
+    return solvers.sample(denoiser, seeds, solver="ipndm", steps=num_steps, order=max_order, sigma_min=sigma_min,
+                          sigma_max=sigma_max, rho=rho, class_labels=class_labels, net_dtype=net_dtype, device=device,
+                          backend=backend)
 
 
 class GraphedSampler:

@@ -33,11 +33,11 @@ def exact_endpoint(g, seeds, steps, schedule):
 
 @pytest.mark.parametrize("solver,other", [
     ("heun", lambda g, s, n: sampling.edm_sampler(g, s, num_steps=n, device="cpu")),
-    ("euler", lambda g, s, n: sampling.edm_sampler(g, s, num_steps=n, heun=False, device="cpu")),
-    ("dpm++2m", lambda g, s, n: sampling.dpm_solver_pp_2m(g, s, num_steps=n, device="cpu")),
-    ("ipndm", lambda g, s, n: sampling.ipndm(g, s, num_steps=n, device="cpu"))])
+    ("euler", lambda g, s, n: sampling.edm_sampler(g, s, num_steps=n, heun=False, device="cpu"))])
 @pytest.mark.parametrize("precond", ["fdm_edm", "fdm_vp"])
-def test_solvers_equal_the_samplers_they_generalise(solver, other, precond):
+def test_solvers_equal_edm_samplers_fused_steps(solver, other, precond):
+    # heun and euler on ops.multistep against EDM's own fused step ops (sampling.edm_sampler); dpm++2m
+    # and ipndm are checked against independent float64 implementations in tests/test_sampling.py
     g = GaussianMixtureDenoiser.random(k=4, shape=(3, 4, 4), seed=2, precond=precond)
     seeds = list(range(12))
     a, b = solvers.sample(g, seeds, solver=solver, steps=9), other(g, seeds, 9)
