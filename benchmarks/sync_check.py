@@ -2,8 +2,8 @@
 
 Runs a small digits training run (``train.setup`` + ``train.train_step``, the code ``python -m
 fdm_fast.train`` runs) for a few warm-up steps (caches, cuDNN autotuning, pinned buffers), then
-``--steps`` steps in sync-error mode; then every sampler (deterministic and stochastic Heun, Euler,
-DPM-Solver++(2M)) once to warm up and once in sync-error mode. Exit status 0 only if nothing synced.
+``--steps`` steps in sync-error mode; then every sampler (deterministic and stochastic Heun, Euler)
+and every solver of fdm_fast.solvers once to warm up and once in sync-error mode. Exit status 0 only if nothing synced.
 On a CPU-only machine it says so and exits 0 without checking (tests/test_sync_free.py is the CPU check).
 
     python benchmarks/sync_check.py [--steps 10] [--augment 0.12] [--backend triton|cuda]
@@ -18,7 +18,7 @@ import traceback
 
 import torch
 
-from fdm_fast import ops, sampling, train
+from fdm_fast import ops, sampling, solvers, train
 
 
 def main(argv=None) -> int:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         for name, fn, kw in [("heun", sampling.edm_sampler, {}), ("heun S_churn=10", sampling.edm_sampler,
                                                                  dict(S_churn=10.0)),
                              ("euler", sampling.edm_sampler, dict(heun=False)),
-                             ("dpm2m", sampling.dpm_solver_pp_2m, {})]:
+                             *[(s, solvers.sample, dict(solver=s)) for s in solvers.SOLVERS]]:
             fn(net, seeds, num_steps=8, device=device, backend=o.backend, **kw)  # warm-up
             checked(f"sampler {name}", lambda: fn(net, seeds, num_steps=8, device=device, backend=o.backend, **kw))
     print("sync_check:", "all clear" if not failures else f"{len(failures)} FAILED: {', '.join(failures)}")
