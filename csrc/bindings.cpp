@@ -324,9 +324,9 @@ std::tuple<Tensor, Tensor, Tensor> euler_step(const Tensor& x, const Tensor& F, 
   a.net_t = dtype_from(net_dtype, "net_dtype");
   a.t_cur = per_sample(t_cur, "t_cur", x);
   a.t_next = per_sample(t_next, "t_next", x);
-  const Tensor none = at::empty({0}, x.options().dtype(at::kFloat));
-  Tensor x_out = write_x ? empty_like_layout(x, at::kFloat) : none;
-  Tensor d = write_d ? empty_like_layout(x, at::kFloat) : none;
+  const auto none = [&] { return at::empty({0}, x.options().dtype(at::kFloat)); };  // distinct: outputs never alias
+  Tensor x_out = write_x ? empty_like_layout(x, at::kFloat) : none();
+  Tensor d = write_d ? empty_like_layout(x, at::kFloat) : none();
   Tensor net_in = empty_like_layout(x, net_dtype);
   if (x.device().is_meta()) return {x_out, d, net_in};
   a.x = x.data_ptr<float>();

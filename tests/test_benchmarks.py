@@ -68,3 +68,32 @@ def test_time_budget_skips_late_rows_and_keeps_the_timed_ones():
     # without a deadline every round runs
     timed = time_interleaved({"a": fn("a", 0.0)}, torch.device("cpu"), reps=4, warmup=1, info=info)
     assert info["rounds"] == 4
+
+
+@pytest.mark.slow
+def test_guidance_study_runs_on_a_conditional_snapshot(tmp_path):
+    import json
+
+    import torch
+
+    from fdm_fast.nn import build_denoiser
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=1, label_dim=10,
+               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                            label_dropout=0.1))
+    torch.manual_seed(0)
+    snap = tmp_path / "cond.pt"
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    out, js = tmp_path / "rows.md", tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guidance_study.py"), "--network", str(snap),
+                        "--guide-network", str(snap), "--weights", "0", "1", "2", "--num", "20", "--steps", "3",
+                        "--results", str(out), "--json", str(js)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(js.read_text())["rows"]
+    assert [(x["kind"], x["w"]) for x in rows] == [("classifier-free", 0.0), ("classifier-free", 1.0),
+                                                  ("classifier-free", 2.0), ("autoguidance", 1.0),
+                                                  ("autoguidance", 2.0)]
+    # a guide equal to the main network changes nothing, whatever w (up to float rounding of the combination)
+    assert abs(rows[4]["fd"] - rows[1]["fd"]) <= 1e-3 * rows[1]["fd"] and rows[4]["label_accuracy"] == rows[1]["label_accuracy"]
+    assert "label accuracy" in out.read_text()

@@ -45,6 +45,7 @@ def _cases(ns, device, cl):
             (ops.loss_bwd, (i["s"], i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec)),
             (ops.scale_grad, (i["y"], i["s"])),
             (ops.euler_step, (i["x"], i["y"], i["s"] * 2, i["s"], *spec, torch.float32, True, False)),
+            (ops.euler_step, (i["x"], i["y"], i["s"] * 2, i["s"], *spec, torch.float32, False, False)),
         ]
     else:
         cases += [
