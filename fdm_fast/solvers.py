@@ -186,7 +186,7 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     """Images [len(seeds), C, H, W] (float32) from ``denoiser`` with ``solver`` over ``steps`` steps of
     ``schedule`` (see the module doc). ``order``: the multistep order (dpm++: 2 or 3 by name; ipndm 1-4,
     default 4; unipc 1-3, default 3). ``guidance`` / ``guide``: classifier-free guidance or
-    autoguidance. ``backend`` picks the ops' backend (default as for every op: cuda, triton, cpu, torch).
+    autoguidance. ``backend`` picks ops.multistep's backend (default: triton, then cuda, on CUDA; cpu on CPU).
     Initial noise: the contract's at (seed, 0), as edm_sampler's, so every solver starts from the
     same latents for the same seeds. ``state_dtype=torch.float64`` (with ``backend="torch"`` and
     ``net_dtype=torch.float64``) runs the same steps in float64: a reference, not a fast path."""

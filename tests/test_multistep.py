@@ -105,7 +105,9 @@ def test_multistep_errors_and_dispatch(monkeypatch):
     monkeypatch.setitem(_backends.PARTIAL, "newop", ("torch", "triton"))
     assert _backends._select("cuda", None, None, "newop") == "triton"
     assert _backends._select("cpu", None, None, "newop") == "torch"
-    assert _backends._select("cuda", None, None, "multistep") == "cuda"
+    assert _backends._select("cuda", None, None, "multistep") == "triton"  # its own order on CUDA (device time)
+    assert _backends._select("cuda", "cuda", None, "multistep") == "cuda"
+    assert _backends._select("cuda", None, None, "perturb") == "cuda"
     with pytest.raises(ValueError, match=r"backend='cuda': the cuda backend does not implement ops.newop"):
         _backends._select("cuda", "cuda", None, "newop")
     with pytest.raises(ValueError, match=r"\$FDM_FAST_BACKEND='cpu': the cpu backend does not implement"):

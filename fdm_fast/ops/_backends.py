@@ -97,6 +97,11 @@ def available_backends(device=None) -> list[str]:
 # others; asking for one of them (backend= or the environment) is an error naming the op.
 PARTIAL: dict = {}  # every op is implemented by every backend today
 
+# Ops whose default order on CUDA tensors differs: the solvers' step runs inside CUDA graphs
+# (GraphedSampler, generate's default), where device time counts and the Triton step kernels were
+# 5-20% faster than the compiled ones on the H200 (benchmarks/RESULTS.md, 2026-11-29).
+CUDA_ORDER = {"multistep": ("triton", "cuda", "torch")}
+
 
 def select(device: torch.device, backend: Optional[str] = None, op: str = "") -> str:
     """The backend an op on ``device`` runs on: explicit > $FDM_FAST_BACKEND > default order."""
@@ -120,7 +125,7 @@ def _select(device_type: str, backend: Optional[str], env: Optional[str], op: st
             raise ValueError(f"{source}={asked!r}: the {asked} backend does not implement ops.{op} "
                              f"(it runs on {', '.join(has)})")
         return asked
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+    order = CUDA_ORDER.get(op, ("cuda", "triton", "torch")) if device.type == "cuda" else ("cpu", "torch")
     for b in order:
         if b in has and not unavailable_reason(b, device):
             return b
