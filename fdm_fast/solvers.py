@@ -1,10 +1,10 @@
 """Training-free ODE/SDE solvers for EDM-family models (every preconditioning, FDM included), each step
-one call of the fused ``ops.multistep`` (docs/design.md 2.4), with classifier-free guidance and
+one call of the fused ``ops.multistep`` (docs/design.md 1.4, 2.1), with classifier-free guidance and
 autoguidance fused into the same call.
 
 All of them integrate EDM's probability-flow ODE in sigma, dx/dsigma = (x - D(x; sigma)) / sigma (the
 SDE variant adds noise), over ``schedules.time_steps`` (``schedule``: edm, logsnr or time), ending
-with a step to sigma = 0. NFE (network evaluations per image, ``nfe(solver, steps)``):
+with a step to sigma = 0 (dpm3s: a final denoising at sigma_min). NFE (network evaluations per image, ``nfe(solver, steps)``):
 
     euler         steps            first order
     heun          2 steps - 1      EDM's second-order sampler (deterministic)
@@ -38,8 +38,8 @@ last three denoised outputs in lambda = -log sigma,
 
 which in the published form's notation (phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2,
 D2 = (D1_0 - D1_1)/(r0 + r1)) is ``x + phi_2 D1 - 2 phi_3 D2``. The commonly published update uses
-``- phi_3 D2``, half of that term; on a test problem with exact history it measures second order,
-this one third (tests/test_solvers.py::test_multistep_orders).
+``- phi_3 D2``, half of that term; on a test problem with exact history it measures order < 2.3,
+this one 3 (tests/test_solvers.py::test_published_third_order_form_is_second_order_and_ours_third).
 """
 
 from __future__ import annotations
