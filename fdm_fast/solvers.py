@@ -199,17 +199,20 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     B = seeds.numel()
     shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     p = denoiser.precond
-    t = [float(v) for v in time_steps(steps, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+    # dpm3s: K + 1 nonzero outer levels (sigma_max .. sigma_min) for its K outer steps; the others: steps + 1
+    # levels ending at 0
+    n_levels = len(dpm3s_orders(steps - 1)) + 1 if solver == "dpm3s" else steps
+    t = [float(v) for v in time_steps(n_levels, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                       precond=p)]
     net = _Net(denoiser, guidance, guide, class_labels, B, device)
     kw = dict(net_dtype=net_dtype, backend=backend)
     if state_dtype not in (torch.float32, torch.float64) or (state_dtype == torch.float64 and backend != "torch"):
         raise ValueError(f"state_dtype: expected torch.float32, or torch.float64 with backend='torch', got {state_dtype}")
-    if solver == "dpm3s":
-        return _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, state_dtype, kw, backend)
     x = t[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend).to(state_dtype)
     # the network input for sigma_0: a multistep call with no output terms but c_in
     _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, t[0]), **kw)
+    if solver == "dpm3s":
+        return _dpm3s(x, net_in, t[:-1], dpm3s_orders(steps - 1), p, net, kw)
     run = dict(euler=_euler, heun=_heun, ipndm=_ipndm, unipc=_unipc)
     if solver.startswith("dpm++"):
         return _dpm(solver, x, net_in, t, p, net, seeds, order, kw)
@@ -363,7 +366,7 @@ def dpm3s_orders(steps: int) -> list[int]:
     return [3] * (K - 1) + [steps % 3]
 
 
-def _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, state_dtype, kw, backend):
+def _dpm3s(x, net_in, outer, orders, p, net, kw):
     """The official FDM code's DPM-Solver (its generate.py ``--solver dpm``): DPM-Solver++ singlestep,
     order 3, in data prediction with alpha = 1 (EDM's sigma), outer steps uniform in ``schedule``
     (the official: logSNR), then the denoised estimate at sigma_min (``denoise_to_zero``): steps - 1
@@ -377,22 +380,12 @@ def _dpm3s(denoiser, seeds, steps, schedule, sigma_min, sigma_max, rho, net, sta
         order 3: x_s1 = (s_1/s) x - phi_11 D_s
                  x_s2 = (s_2/s) x - phi_12 D_s + (r2/r1) phi_22 (D_s1 - D_s)
                  x_t  = (s_t/s) x - phi_1 D_s + (1/r2) phi_2 (D_s2 - D_s)"""
-    p = denoiser.precond
-    orders = dpm3s_orders(steps - 1)
-    K = len(orders)
-    outer = [float(v) for v in time_steps(K + 1, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                                          precond=p)][:-1]  # K + 1 nonzero levels, sigma_max .. sigma_min
-    device = net.device
-    B = seeds.numel()
-    shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
-    x = outer[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend).to(state_dtype)
 
     def ev(xk, net_in, sig, nxt, **k):
         """D at (xk, sig) into the update; also the net input for sigma ``nxt``."""
         F, G = net(net_in, sig)
         return ops.multistep(xk, F, G=G, **net.d_kw(p, sig), **k, c_in_next=_c_in(p, nxt), **kw)
 
-    _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, outer[0]), **kw)
     for k, order in enumerate(orders):
         s, tn = outer[k], outer[k + 1]
         h = math.log(s) - math.log(tn)

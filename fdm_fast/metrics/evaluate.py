@@ -107,7 +107,7 @@ class SampleEvaluator:
     @torch.no_grad()
     def samples(self, net) -> torch.Tensor:
         from .. import solvers
-        from ..sampling import dpm_solver_pp_2m, edm_sampler
+        from ..sampling import edm_sampler
 
         out = []
         label_dim = getattr(net, "label_dim", 0)
@@ -116,9 +116,7 @@ class SampleEvaluator:
             labels = None
             if label_dim:
                 labels = torch.eye(label_dim, device=self.device)[torch.tensor(seeds, device=self.device) % label_dim]
-            if self.sampler == "dpm2m" and self.schedule == "edm":
-                x = dpm_solver_pp_2m(net, seeds, num_steps=self.steps, class_labels=labels, device=self.device)
-            elif self.sampler not in ("heun", "euler") or self.schedule != "edm":
+            if self.sampler not in ("heun", "euler") or self.schedule != "edm":
                 x = solvers.sample(net, seeds, solver={"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler),
                                    steps=self.steps, schedule=self.schedule, class_labels=labels, device=self.device)
             else:
