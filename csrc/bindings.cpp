@@ -20,6 +20,15 @@
 #include "../cuda/fdm_cuda.h"
 #endif
 
+// Test builds only (tests/cuda_on_cpu): CPU tensors go to the CUDA launchers, whose kernels that build
+// runs on the host, one std::thread per CUDA thread, so the CPU test suite exercises the CUDA code.
+#ifdef FDM_CUDA_ON_CPU
+#ifdef FDM_WITH_CUDA
+#error "FDM_CUDA_ON_CPU is a CPU-only test build"
+#endif
+#include "../cuda/fdm_cuda.h"
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -152,7 +161,7 @@ struct DeviceGuard {
 };
 
 // The CUDA entry point of an op, or nullptr in a CPU-only build.
-#ifdef FDM_WITH_CUDA
+#if defined(FDM_WITH_CUDA) || defined(FDM_CUDA_ON_CPU)
 #define FDM_CUDA_FN(name) (&fdm::cuda::name)
 #else
 #define FDM_CUDA_FN(name) nullptr
@@ -169,7 +178,12 @@ void run(const Tensor& ref, const Args& args, void (*cpu_fn)(const Args&),
          typename NonDeduced<void (*)(const Args&, void*)>::type cuda_fn) {
   if (ref.device().is_meta() || ref.numel() == 0) return;
   if (ref.device().is_cpu()) {
+#ifdef FDM_CUDA_ON_CPU
+    (void)cpu_fn;
+    cuda_fn(args, nullptr);
+#else
     cpu_fn(args);
+#endif
     return;
   }
 #ifdef FDM_WITH_CUDA
@@ -252,6 +266,8 @@ std::tuple<Tensor, Tensor> loss_fwd(const Tensor& F, const Tensor& y, const Tens
   a.G = save_grad ? G.data_ptr() : nullptr;
 #ifdef FDM_WITH_CUDA
   a.parts = F.device().is_cuda() ? fdm::cuda::loss_parts(a.g) : fdm::cpu::loss_parts(a.g);
+#elif defined(FDM_CUDA_ON_CPU)
+  a.parts = fdm::cuda::loss_parts(a.g);
 #else
   a.parts = fdm::cpu::loss_parts(a.g);
 #endif

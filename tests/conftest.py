@@ -11,6 +11,24 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# tests/test_cuda_on_cpu.py runs cpu-backend tests in a subprocess with FDM_FAST_CUDA_ON_CPU set to a
+# test build of the op library whose kernels are the CUDA ones run on the CPU (tests/cuda_on_cpu):
+# it must replace fdm_fast._C before fdm_fast.ops loads.
+CUDA_ON_CPU = os.environ.get("FDM_FAST_CUDA_ON_CPU", "")
+if CUDA_ON_CPU:
+    import cuda_on_cpu
+
+    cuda_on_cpu.install(CUDA_ON_CPU, sm_count=int(os.environ.get("FDM_FAST_CUDA_ON_CPU_SMS", "2")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    report = os.environ.get("FDM_FAST_CUDA_ON_CPU_REPORT")
+    if CUDA_ON_CPU and report:  # how many CUDA launches the run emulated (the caller checks it ran them)
+        import fdm_fast
+
+        with open(report, "w") as f:
+            f.write(str(fdm_fast._C.emulated_launches()))
+
 try:
     import triton  # noqa: F401
 

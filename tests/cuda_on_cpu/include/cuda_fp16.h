@@ -1,0 +1,3 @@
+// tests/cuda_on_cpu: the host stand-in for <cuda_fp16.h>
+#pragma once
+#include "fdm_cuda_emu.h"

@@ -1,0 +1,76 @@
+"""The CUDA kernels of csrc/cuda/ops_cuda.cu, run on the CPU under the cpu-backend tests.
+
+tests/cuda_on_cpu builds the same CUDA source as host code (launches through an emulator: sequential
+threads, or real threads with block and warp barriers for the reducing kernel) together with
+bindings.cpp, loads it as fdm_fast._C in a fresh pytest process, where the ``cpu`` backend is then
+the CUDA code, and runs the tests that check that backend: every op against its float64 reference
+in both layouts, fp32/bf16/fp16, explicit and contract noise, poisoned outputs, opcheck, argument
+errors, the samplers and solvers. ``multistep_kernel``, which has not run on a GPU yet, is among them.
+
+What this cannot see is listed in tests/cuda_on_cpu/__init__.py (memory model, concurrent blocks,
+device math, speed). The last test shows the check bites: one wrong coefficient column in the
+kernel's source fails it.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cuda_on_cpu
+
+HERE = Path(__file__).resolve().parent
+CXX = os.environ.get("CXX", "g++")
+
+pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ compiler ({CXX})")
+
+# the tests of the `cpu` backend's kernels; in the other files every test touches the compiled ops
+BACKEND_FILES = ["tests/test_ops.py", "tests/test_layouts.py", "tests/test_noise.py", "tests/test_multistep.py"]
+WHOLE_FILES = ["tests/test_sampling.py", "tests/test_solvers.py", "tests/test_opcheck.py", "tests/test_extension.py"]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return cuda_on_cpu.build(tmp_path_factory.mktemp("cuda_on_cpu"))
+
+
+def _pytest(lib, tmp_path, files, k=None, sms=2):
+    """pytest over ``files`` with the CUDA kernels as the cpu backend: (result, passed, failed, launches)."""
+    report = tmp_path / f"launches-{len(list(tmp_path.glob('launches-*')))}"
+    env = dict(os.environ, FDM_FAST_CUDA_ON_CPU=str(lib), FDM_FAST_CUDA_ON_CPU_REPORT=str(report),
+               FDM_FAST_CUDA_ON_CPU_SMS=str(sms))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files] + (["-k", k] if k else [])
+    res = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1800)
+    count = lambda word: int(m.group(1)) if (m := re.search(rf"(\d+) {word}", res.stdout)) else 0  # noqa: E731
+    launches = int(report.read_text()) if report.exists() else 0
+    return res, count("passed"), count("failed"), launches
+
+
+def test_backend_tests_pass_on_the_cuda_kernels(lib, tmp_path):
+    # one SM: grids of one block per sample, so every grid-stride loop over a sample's groups really loops
+    res, passed, failed, launches = _pytest(lib, tmp_path, BACKEND_FILES, k="cpu", sms=1)
+    assert res.returncode == 0 and failed == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert passed >= 700 and launches >= passed, (passed, launches)  # the tests ran, on emulated CUDA launches
+
+
+def test_samplers_solvers_opcheck_and_errors_pass_on_the_cuda_kernels(lib, tmp_path):
+    res, passed, failed, launches = _pytest(lib, tmp_path, WHOLE_FILES, sms=4)
+    assert res.returncode == 0 and failed == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert passed >= 100 and launches >= 1000, (passed, launches)
+
+
+def test_a_wrong_multistep_kernel_fails(tmp_path):
+    """Mutation: the kept output's D coefficient read from the wrong column (q -> p) in the CUDA source."""
+    src = (cuda_on_cpu.CSRC / "cuda" / "ops_cuda.cu").read_text()
+    good = "o[k] = p * x[k] + qq * D[k];"
+    assert src.count(good) == 1, "the mutated line moved; update this test"
+    bad_src = tmp_path / "csrc"
+    shutil.copytree(cuda_on_cpu.CSRC, bad_src)
+    (bad_src / "cuda" / "ops_cuda.cu").write_text(src.replace(good, "o[k] = p * x[k] + p * D[k];"))
+    bad = cuda_on_cpu.build(tmp_path / "build", csrc=bad_src)
+    res, passed, failed, _ = _pytest(bad, tmp_path, ["tests/test_multistep.py"], k="cpu and float64")
+    assert res.returncode != 0 and failed > 0, res.stdout[-3000:]
