@@ -16,6 +16,8 @@ Backends (``backend=``, or ``$FDM_FAST_BACKEND``): ``torch`` (reference, any dev
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -283,6 +285,10 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur, t_next, 
 MAX_HISTORY = 4
 
 
+def _plain_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _coef_column(name, v, B, device, dt):
     """A coefficient as a [R] column (R = 1 for a number or a 1-element tensor, else B)."""
     if isinstance(v, torch.Tensor):
@@ -345,9 +351,13 @@ def multistep(x: torch.Tensor, F: Optional[torch.Tensor] = None, *, c_skip=0.0, 
     names = ["c_skip", "c_out", "w_G", "a", "b", *[f"h[{k}]" for k in range(len(history))], "noise_scale",
              "c_in_next", "keep[0]", "keep[1]"]
     vals = [c_skip, c_out, w_G, a, b, *h, noise_scale, 0.0 if c_in_next is None else c_in_next, p, q]
-    cols = [_coef_column(n, v, B, device, dt) for n, v in zip(names, vals)]
-    R = max(c.numel() for c in cols)
-    coef = torch.stack([c.expand(R) for c in cols], dim=1).contiguous()
+    if device.type == "cpu" and all(_plain_number(v) for v in vals):
+        # all numbers on the CPU: the table in one go (30 us less per call than a fill per column)
+        coef = torch.tensor([[float(v) for v in vals]], dtype=dt)
+    else:  # a fill per number (no host-to-device copy on an accelerator), per-sample tensors as they are
+        cols = [_coef_column(n, v, B, device, dt) for n, v in zip(names, vals)]
+        R = max(c.numel() for c in cols)
+        coef = torch.stack([c.expand(R) for c in cols], dim=1).contiguous()
     draws = noise is not None or not (isinstance(noise_scale, (int, float)) and noise_scale == 0)
     rng = V.rng(seed, offset, B, device) if draws and noise is None else V.no_rng(seed, offset, device)
     nd = V.out_dtype("net_dtype", net_dtype, be)
