@@ -42,7 +42,7 @@ def _pytest(lib, tmp_path, files, k=None, sms=2):
     """pytest over ``files`` with the CUDA kernels as the cpu backend: (result, passed, failed, launches)."""
     report = tmp_path / f"launches-{len(list(tmp_path.glob('launches-*')))}"
     env = dict(os.environ, FDM_FAST_CUDA_ON_CPU=str(lib), FDM_FAST_CUDA_ON_CPU_REPORT=str(report),
-               FDM_FAST_CUDA_ON_CPU_SMS=str(sms))
+               FDM_FAST_CUDA_ON_CPU_SMS=str(sms), CUDA_VISIBLE_DEVICES="")  # CPU tensors even on a GPU machine
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files] + (["-k", k] if k else [])
     res = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1800)
     count = lambda word: int(m.group(1)) if (m := re.search(rf"(\d+) {word}", res.stdout)) else 0  # noqa: E731
