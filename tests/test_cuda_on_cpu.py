@@ -1,4 +1,5 @@
-"""The CUDA kernels of csrc/cuda/ops_cuda.cu, run on the CPU under the cpu-backend tests.
+"""The CUDA kernels of csrc/cuda/ops_cuda.cu, run on the CPU under the cpu-backend tests (and the CPU
+kernels under AddressSanitizer, last test).
 
 tests/cuda_on_cpu builds the same CUDA source as host code (launches through an emulator: sequential
 threads, or real threads with block and warp barriers for the reducing kernel) together with
@@ -105,3 +106,15 @@ def test_a_read_past_the_end_is_caught(tmp_path):
     res, _, _, _, asan = _pytest(bad, tmp_path, ["tests/test_multistep.py"], k="cpu and float64")
     assert res.returncode != 0 and "heap-buffer-overflow" in asan and "multistep_kernel" in asan, \
         res.stdout[-2000:] + asan
+
+
+@pytest.mark.skipif(not ASAN, reason="needs the compiler's AddressSanitizer runtime")
+def test_cpu_kernels_under_address_sanitizer(tmp_path):
+    """The same runs on the ordinary CPU kernels (ops_cpu.cpp: vector tails, noise buffers, channels_last
+    addressing, per-task loss slots), built with AddressSanitizer: no access outside a tensor."""
+    lib = cuda_on_cpu.build(tmp_path / "build", sanitize=True, kernels="cpu")
+    for files, k in ((BACKEND_FILES, "cpu"), (WHOLE_FILES, None)):
+        res, passed, failed, launches, asan = _pytest(lib, tmp_path, files, k=k)
+        assert not asan, asan
+        assert res.returncode == 0 and failed == 0 and passed >= 100, res.stdout[-6000:] + res.stderr[-3000:]
+        assert launches == 0  # the CPU kernels ran, not the emulated CUDA ones

@@ -1,5 +1,5 @@
-// tests/cuda_on_cpu: what the test build links besides bindings.cpp and the translated CUDA source:
-// the emulator's controls, and stand-ins for the CPU kernels, which that build never calls
+// tests/cuda_on_cpu: what a test build links besides bindings.cpp and its kernels: the emulator's
+// controls, and in the CUDA build stand-ins for the CPU kernels, which that build never calls
 // (bindings.cpp under FDM_CUDA_ON_CPU sends CPU tensors to the CUDA launchers).
 #include <stdexcept>
 
@@ -11,6 +11,7 @@ void fdm_emu_set_sm_count(int n) { fdm_emu::g_sm_count = n > 0 ? n : 1; }
 long fdm_emu_launches() { return fdm_emu::g_launches.load(); }
 }
 
+#if !FDM_EMU_CPU_KERNELS  // the CUDA build: ops_cpu.cpp is not linked
 namespace fdm {
 namespace cpu {
 namespace {
@@ -28,3 +29,4 @@ void multistep(const MultistepArgs&) { absent(); }
 void randn(const RandnArgs&) { absent(); }
 }  // namespace cpu
 }  // namespace fdm
+#endif
