@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles to a Hopper cubin, checked without a GPU (tests/triton_aot.py).
+"""Every Triton kernel compiles to cubins for A100, H100/H200 and B200, checked without a GPU
+(tests/triton_aot.py).
 
 The rest of the suite runs the kernels in Triton's interpreter, which executes their Python bodies
 with numpy and never compiles them; these tests lower every specialisation a caller can reach
@@ -49,17 +50,24 @@ def _run(args, tmp_path, code=None, interpret=False):
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=900)
 
 
-def test_every_triton_kernel_compiles_for_sm90(tmp_path):
-    res = _run(["--arch", "90"], tmp_path)
+ARCHS = (80, 90, 100)  # A100, H100/H200, B200
+
+
+def test_every_triton_kernel_compiles_for_ampere_hopper_and_blackwell(tmp_path):
+    res = _run(["--arch", *map(str, ARCHS)], tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
-    n = int(re.search(r"sm_90: (\d+) distinct kernels compiled to cubin", out).group(1))
-    rows = [line.split() for line in res.stdout.splitlines() if line.startswith("_")]
-    assert len(rows) == n and n >= 80, out[-3000:]  # every specialisation family reached and compiled
-    assert sorted({r[0] for r in rows}) == sorted(KERNELS), out[-3000:]
-    assert all(int(r[1]) > 0 for r in rows), "ptxas reported no register count for some kernel:\n" + out[-3000:]
-    # the launches exercise the GPU's real configurations: 4-warp full tiles and a partial one-warp tile
-    assert {int(r[4]) for r in rows} >= {1, 4}, out[-3000:]
+    # one table per target, each headed "sm_N: K distinct kernels compiled to cubin"
+    parts = re.split(r"^sm_(\d+): (\d+) distinct kernels compiled to cubin.*$", res.stdout, flags=re.M)[1:]
+    tables = {int(parts[i]): (int(parts[i + 1]), parts[i + 2]) for i in range(0, len(parts), 3)}
+    assert sorted(tables) == sorted(ARCHS), out[-3000:]
+    for arch, (n, table) in tables.items():
+        rows = [line.split() for line in table.splitlines() if line.startswith("_")]
+        assert len(rows) == n and n >= 80, f"sm_{arch}\n" + out[-3000:]  # every specialisation family compiled
+        assert sorted({r[0] for r in rows}) == sorted(KERNELS), f"sm_{arch}\n" + out[-3000:]
+        assert all(int(r[1]) > 0 for r in rows), f"sm_{arch}: ptxas gave no register count\n" + out[-3000:]
+        # the launches exercise the GPU's real configurations: 4-warp full tiles and a partial one-warp tile
+        assert {int(r[4]) for r in rows} >= {1, 4}, out[-3000:]
 
 
 def test_a_kernel_only_the_interpreter_accepts_fails_the_check(tmp_path):

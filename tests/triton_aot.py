@@ -13,7 +13,7 @@ a cubin for the target). Nothing is executed, so no output is checked here; the 
 interpreted tests' job.
 
     python tests/triton_aot.py                  # sm_90 (H100/H200); a table of every compiled kernel
-    python tests/triton_aot.py --arch 80 90     # also A100
+    python tests/triton_aot.py --arch 80 90 100 # also A100 and B200
 
 Prints one row per compiled specialisation: kernel, registers, spill bytes (from ``ptxas -v``),
 shared memory, warps. Exits 1 and names the call when a kernel fails to compile.
@@ -74,6 +74,16 @@ def _compile_only(run):
         COMPILED.append((self.fn.__name__, kernel))
         return kernel
     return wrapped
+
+
+def _forget_compiled_kernels():
+    """Empty every fdm_fast kernel's per-device cache: it holds the target it was first compiled for,
+    so without this a second --arch would silently reuse the first one's kernels."""
+    from fdm_fast.ops import triton_loss, triton_perturb, triton_sampler
+    for mod in (triton_loss, triton_perturb, triton_sampler):
+        for obj in vars(mod).values():
+            if isinstance(obj, JITFunction):
+                obj.device_caches.clear()
 
 
 def _allow_triton_on_cpu_tensors():
@@ -208,6 +218,7 @@ def main(argv=None) -> int:
     failures = 0
     for arch in args.arch:
         _driver.set_active(TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+        _forget_compiled_kernels()
         seen = {}
         t0 = time.time()
         for label, thunk in calls():
@@ -221,9 +232,11 @@ def main(argv=None) -> int:
                 print(f"FAILED sm_{arch}: {label}\n{traceback.format_exc()}", file=sys.stderr)
                 continue
             for name, k in COMPILED[n0:]:
-                if "cubin" not in k.asm:
+                target = re.search(r"^\.target\s+sm_(\d+)", k.asm.get("ptx", ""), re.M)
+                if "cubin" not in k.asm or not target or int(target.group(1)) != arch:
                     failures += 1
-                    print(f"FAILED sm_{arch}: {label}: {name} produced no cubin", file=sys.stderr)
+                    print(f"FAILED sm_{arch}: {label}: {name} produced no cubin for sm_{arch} (PTX target: "
+                          f"{target.group(0) if target else 'none'})", file=sys.stderr)
                 key = (name, k.hash)
                 if key not in seen:
                     seen[key] = (label, k)
