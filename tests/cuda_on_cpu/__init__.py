@@ -136,8 +136,9 @@ def asan_preload() -> str:
 
 
 def install(lib_path, sm_count: int = 2) -> ctypes.CDLL:
-    """Load the test library as ``fdm_fast._C`` (before ``fdm_fast.ops`` is imported): the ``cpu``
-    backend then runs the CUDA kernels. ``sm_count``: the SM count the launchers size grids by."""
+    """Load a test library as ``fdm_fast._C`` (before ``fdm_fast.ops`` is imported): the ``cpu``
+    backend then runs its kernels (the CUDA ones, for a ``kernels="cuda"`` build). ``sm_count``: the
+    SM count the CUDA launchers size grids by."""
     import torch
 
     if "fdm_fast._C" in sys.modules or "fdm_fast.ops" in sys.modules:
@@ -146,9 +147,9 @@ def install(lib_path, sm_count: int = 2) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     lib.fdm_emu_launches.restype = ctypes.c_long
     lib.fdm_emu_set_sm_count(int(sm_count))
-    mod = types.ModuleType("fdm_fast._C", "fdm_fast._C stand-in: bindings.cpp over the CUDA kernels run on the CPU")
+    mod = types.ModuleType("fdm_fast._C", f"fdm_fast._C stand-in: the test build {lib_path}")
     mod.__file__ = str(lib_path)
-    mod.has_cpu = lambda: True  # the `cpu` backend: CPU tensors, CUDA kernels
+    mod.has_cpu = lambda: True  # the `cpu` backend: CPU tensors (and the CUDA kernels in that build)
     mod.has_cuda = lambda: False
     mod.set_poison = lambda on: lib.fdm_fast_set_poison(1 if on else 0)
     mod.emulated_launches = lambda: int(lib.fdm_emu_launches())
