@@ -21,7 +21,7 @@
 #endif
 
 // Test builds only (tests/cuda_on_cpu): CPU tensors go to the CUDA launchers, whose kernels that build
-// runs on the host, one std::thread per CUDA thread, so the CPU test suite exercises the CUDA code.
+// runs on the host through an emulated launch, so the CPU test suite exercises the CUDA code.
 #ifdef FDM_CUDA_ON_CPU
 #ifdef FDM_WITH_CUDA
 #error "FDM_CUDA_ON_CPU is a CPU-only test build"

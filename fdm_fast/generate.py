@@ -92,11 +92,12 @@ def main(argv=None) -> int:
     if not args.outdir and not args.grid:
         print("error: give --outdir DIR and/or --grid FILE.png", file=sys.stderr)
         return 2
-    if args.sampler and args.solver and {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler) != args.solver:
+    old_name = {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler)  # --sampler's value as a solver name
+    if args.sampler and args.solver and old_name != args.solver:
         print(f"error: --sampler {args.sampler} and --solver {args.solver} disagree (--sampler is the old name)",
               file=sys.stderr)
         return 2
-    args.solver = args.solver or {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler) or "heun"
+    args.solver = args.solver or old_name or "heun"
     fused_edm = args.solver in ("heun", "euler") and args.guidance == 1 and not args.guide_network \
         and args.schedule == "edm"  # EDM's own fused step ops (and churn)
     if args.S_churn > 0 and not fused_edm:

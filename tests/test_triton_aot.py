@@ -70,19 +70,21 @@ def test_every_triton_kernel_compiles_for_ampere_hopper_and_blackwell(tmp_path):
         assert {int(r[4]) for r in rows} >= {1, 4}, out[-3000:]
 
 
+# A kernel Triton's interpreter runs (it executes the body as Python) but the compiler refuses.
+BAD_KERNEL = """
+@triton.jit
+def bad(x_ptr, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < N) * abs(2.0), mask=i < N)  # a Python builtin
+"""
+
+
 def test_a_kernel_only_the_interpreter_accepts_fails_the_check(tmp_path):
-    code = textwrap.dedent("""
-        import os, sys
-        import torch, triton, triton.language as tl
+    code = "import sys\nimport torch, triton, triton.language as tl\n" + BAD_KERNEL + textwrap.dedent("""
         import triton_aot as A
         from triton.backends.compiler import GPUTarget
         from triton.runtime import driver
         from triton.runtime.jit import JITFunction
-
-        @triton.jit
-        def bad(x_ptr, N, BLOCK: tl.constexpr):
-            i = tl.arange(0, BLOCK)
-            tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < N) * abs(2.0), mask=i < N)  # a Python builtin
 
         @triton.jit
         def good(x_ptr, N, BLOCK: tl.constexpr):
@@ -105,14 +107,8 @@ def test_a_kernel_only_the_interpreter_accepts_fails_the_check(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "abs" in res.stdout
     # and the interpreter, which the rest of the suite uses, runs the same kernel without complaint
-    interp = _run([], tmp_path, interpret=True, code=textwrap.dedent("""
-        import torch, triton, triton.language as tl
-
-        @triton.jit
-        def bad(x_ptr, N, BLOCK: tl.constexpr):
-            i = tl.arange(0, BLOCK)
-            tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < N) * abs(2.0), mask=i < N)
-
+    interp = _run([], tmp_path, interpret=True, code="import torch, triton, triton.language as tl\n" + BAD_KERNEL
+                  + textwrap.dedent("""
         x = torch.ones(8)
         bad[(1,)](x, 8, BLOCK=8)
         assert torch.equal(x, torch.full((8,), 2.0)), x

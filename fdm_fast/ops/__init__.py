@@ -17,7 +17,6 @@ Backends (``backend=``, or ``$FDM_FAST_BACKEND``): ``torch`` (reference, any dev
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Sequence
 
 import torch
@@ -298,7 +297,7 @@ def _coef_column(name, v, B, device, dt):
         if v.device != device:
             raise ValueError(f"{name}: expected a tensor on {device} (the state's device), got {v.device}")
         return v.reshape(-1).to(dt)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+    if not _plain_number(v):
         raise ValueError(f"{name}: expected a finite number or a per-sample tensor, got {v!r}")
     return torch.full((1,), float(v), dtype=dt, device=device)
 

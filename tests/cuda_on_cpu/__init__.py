@@ -2,8 +2,9 @@
 
 No GPU here, and a CUDA kernel that has never run (``multistep_kernel``) is only as good as its
 reading. This builds the *same CUDA source* as host code: the launches ``k<<<grid, block, 0, s>>>(...)``
-become calls of ``fdm_emu::launch`` (include/fdm_cuda_emu.h: the blocks one after another, each
-block as ``blockDim.x`` std::threads with real block and warp barriers), the CUDA headers are
+become calls of ``fdm_emu::launch`` (include/fdm_cuda_emu.h: the blocks one after another, their
+threads one after another, or as std::threads with real block and warp barriers for a kernel that
+reduces), the CUDA headers are
 host stand-ins, and ``csrc/bindings.cpp`` is compiled with ``FDM_CUDA_ON_CPU`` so that CPU tensors go
 to the CUDA launchers. Loaded in place of ``fdm_fast._C`` (``install``), the ``cpu`` backend then
 *is* the CUDA code, and the cpu-backend tests (float64 references, layouts, noise, poisoned outputs)
@@ -34,7 +35,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 LIB_NAME = "libfdm_cuda_on_cpu.so"
-ENV_VAR = "FDM_FAST_CUDA_ON_CPU"  # the built library's path: conftest installs it before fdm_fast loads
 
 # kernel<T...><<<grid, block, smem, stream>>>(args);
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w\s,]*>)?)<<<(.+?),\s*(\w+),\s*0,\s*[^>]+>>>\(([^;]*)\);")
