@@ -29,6 +29,34 @@ def machine_name(device: torch.device) -> str:
     return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def steady_heap() -> str:
+    """Keep freed large blocks in glibc's heap, so fresh tensors stop paying page faults.
+
+    By default glibc serves blocks above a moving threshold (128 KiB, rising to the largest block freed)
+    with mmap and returns freed heap tops to the kernel, so whether a 6 MB output costs ~1,500 page
+    faults depends on what was freed before it. On the 2-core VM of 2026-11-30 that swung one eager
+    Euler step between 0.9 and 10 ms and the fused one between 0.4 and 3.8 ms, in whichever order the
+    rows ran. Raising both thresholds to 1 GiB keeps freed blocks resident for reuse: close to the state
+    a long run reaches with a caching allocator (jemalloc, tcmalloc), and the harder baseline, since the
+    eager composite allocates the most. Not a guarantee (glibc still grows the heap when a freed block
+    is a few bytes short of an aligned request), so ops_bandwidth reports the faults it saw: 13-18 per
+    call for the Euler rows at 64x3x64x64 against 427-966 with glibc's defaults, four runs here.
+    Returns a line for the table's notes.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "allocator: left as is (no glibc mallopt here)"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    return ("allocator: glibc mmap and trim thresholds at 1 GiB (freed blocks stay resident for reuse; "
+            "--malloc default leaves glibc as it is)" if ok else "allocator: mallopt refused; glibc left as is")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -12,6 +12,10 @@ implementation, so it reads as effective bandwidth. Input buffers rotate over se
 than the last-level cache, so a CIFAR batch measures memory, not L2. Warm-up (compilation) is timed
 apart and excluded from the medians. Rows are appended to benchmarks/RESULTS.md with machine and date.
 
+On a CPU the script first keeps freed blocks in glibc's heap (--malloc steady): otherwise each fresh
+output of a few MB may cost a page fault per 4 KiB page or none, depending on what was freed before,
+and that alone moved rows 2-10x between runs on a 2-core VM (benchmarks/_harness.py: steady_heap).
+
 Two times per row on a GPU. "call ms" is one call at a time, host included: at these sizes (a few MB)
 it is the host's launch latency (the H200 run of 2026-11-29 timed even a plain copy at 0.03-0.06 ms,
 1-2% of copy bandwidth). "device ms" replays the same calls from a CUDA graph, so only GPU time
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name,  # noqa: E402
+from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name, steady_heap,  # noqa: E402
                       time_graphed, time_interleaved)
 
 from fdm_fast import ops, schedules  # noqa: E402
@@ -191,6 +195,14 @@ OPS = {"perturb": Perturb(), "loss": Loss(), "churn": Churn(), "euler": Euler(),
 # ----------------------------------------------------------------------------------------------
 
 
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def rotating(sets):
     """A zero-argument caller factory that cycles through input sets on every call."""
     state = {"k": 0}
@@ -215,11 +227,16 @@ def main(argv=None):
                     help="fused backends to time (default: every available one except the torch reference)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves compile time)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default: 50 on GPU, 5 on CPU)")
+    ap.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                    help="CPU only: 'steady' (default) keeps freed blocks in glibc's heap so no row pays page "
+                         "faults for its fresh outputs; 'default' leaves glibc as it is (rows then depend on "
+                         "what ran before them)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     add_results_arg(ap)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    heap = steady_heap() if device.type == "cpu" and args.malloc == "steady" else None
     reps = args.reps or (50 if device.type == "cuda" else 5)
     ops.set_value_checks(False)  # no device syncs for argument values inside the timed loop
     avail = [b for b in ops.available_backends(device) if b != "torch"]
@@ -233,13 +250,13 @@ def main(argv=None):
     bw = copy_bandwidth(device)
     cache = cache_bytes(device)
     print(f"{machine}\nmeasured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write); rotating inputs over "
-          f">= 3x {cache / 2**20:.0f} MiB of cache\n")
+          f">= 3x {cache / 2**20:.0f} MiB of cache" + (f"\n{heap}" if heap else "") + "\n")
     cuda = device.type == "cuda"
     # GB/s, % copy BW and the ratios come from the device time (CUDA-graph replay) on a GPU, from the
     # per-call time on a CPU (where host and device are one)
     header = ["op", "shape", "dtype", "impl", "call ms", "device ms", "GB/s", "% copy BW", "vs eager", "vs compile",
               "first call s"]
-    rows, records = [], []
+    rows, records, faults = [], [], []
     g = torch.Generator().manual_seed(0)
     for op_name in args.ops:
         op = OPS[op_name]
@@ -264,7 +281,9 @@ def main(argv=None):
                          torch.zeros(nbytes // 2, dtype=torch.uint8, device=device)) for _ in range(nsets)]
                 impls.append(("copy", rotating(bufs)(lambda b: b[1].copy_(b[0]))))
                 # every input set is touched before timing; calls of all implementations interleave
+                flt0 = _minor_faults()
                 timed = time_interleaved(dict(impls), device, reps=max(reps, nsets), warmup=nsets + 1)
+                faults.append((_minor_faults() - flt0) / ((max(reps, nsets) + nsets + 1) * len(impls)))
                 dev = time_graphed(dict(impls), device, calls=nsets) if cuda else {}
                 best = {k: dev.get(k) or timed[k][0] for k, _ in impls}
                 for impl, _ in impls:
@@ -287,6 +306,12 @@ def main(argv=None):
              if cuda else "call ms: one call at a time (GB/s, % copy BW and the ratios from it)",
              f"Measured copy bandwidth: {bw / 1e9:.1f} GB/s; precond fdm_edm; bytes per op: "
              + "; ".join(f"{o.name}: {o.doc}" for o in (OPS[n] for n in args.ops))]
+    if heap:
+        notes.append(heap[0].upper() + heap[1:])
+    if device.type == "cpu" and faults:
+        notes.append(f"Page faults per call, warm-up included, worst row: {max(faults):.1f} (a fault-free heap reads ~0; "
+                     "a few MB of fresh pages is ~1,500)")
+        print(notes[-1])
     if args.results:
         append_results("ops_bandwidth", header, rows, notes, path=args.results)
         print(f"appended {len(rows)} rows to {args.results}")
