@@ -1,10 +1,12 @@
 """The compiled extension fdm_fast._C at its own boundary: clear Python errors (never a crash) for bad
-input sent straight to torch.ops.fdm_fast_ext, the regenerating loss backward, and both CPU noise paths."""
+input sent straight to torch.ops.fdm_fast_ext, the regenerating loss backward, and every build of the
+CPU kernels (FDM_FAST_CPU_ISA)."""
 
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,30 +89,74 @@ def test_regenerating_backward_op_matches_reference(poison):
     torch.testing.assert_close(Fg.grad, dF, rtol=1e-6, atol=1e-6)
 
 
-def _has_avx512f() -> bool:
+def _cpu_flags() -> set:
     try:
-        return any("avx512f" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        return {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]}
     except OSError:
-        return False
+        return set()
 
 
-@pytest.mark.skipif(not _has_avx512f(), reason="this CPU has no AVX-512: both runs would take the portable path, "
-                                               "so comparing them would test nothing")
-def test_portable_noise_path_matches_avx512_path():
-    # FDM_FAST_CPU_NO_AVX512=1 forces the compiler-vectorised Philox; both must give the contract's noise.
-    code = ("import torch; from fdm_fast import ops; "
-            "n = ops.randn((3, 3, 17, 19), seed=2**40 + 5, offset=2**32 - 7, backend='cpu'); "
-            "torch.save(n, __import__('sys').argv[1])")
+def _isas_here() -> list:
+    """The CPU kernel builds this machine can run (csrc/cpu/ops_cpu.cpp, Isa), best first."""
+    f = _cpu_flags()
+    isas = ["base"]
+    if {"avx2", "fma", "bmi2"} <= f:
+        isas.insert(0, "avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= f:
+            isas.insert(0, "avx512")
+    return isas
+
+
+def _run_isa(isa, code, *args):
+    env = dict(os.environ, FDM_FAST_CPU_ISA=isa)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+_NOISE = ("import sys, torch; from fdm_fast import ops; from fdm_fast.ops import extension; "
+          "n = ops.randn((3, 3, 17, 19), seed=2**40 + 5, offset=2**32 - 7, backend='cpu'); "
+          "torch.save(n, sys.argv[1]); print(extension.cpu_isa())")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_every_cpu_build_gives_the_contracts_noise(tmp_path):
+    """FDM_FAST_CPU_ISA caps the build the CPU kernels run: each one this machine has gives the noise
+    contract's normals, AVX-512 (the hand-written Philox) and AVX2 bit for bit (integer Philox, the
+    same FMAs in Box-Muller), the baseline build (no FMA) to rounding."""
     out = {}
-    for flag in ("0", "1"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fdm_noise_{os.getpid()}_{flag}.pt")
-        env = dict(os.environ, FDM_FAST_CPU_NO_AVX512=flag)
-        subprocess.run([sys.executable, "-c", code, path], check=True, env=env)
-        out[flag] = torch.load(path)
-        os.unlink(path)
+    for isa in _isas_here():
+        r = _run_isa(isa, _NOISE, str(tmp_path / f"{isa}.pt"))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[-1] == isa  # the cap took effect
+        out[isa] = torch.load(tmp_path / f"{isa}.pt")
     ref = ops.randn((3, 3, 17, 19), seed=2**40 + 5, offset=2**32 - 7, backend="torch")
-    assert torch.equal(out["0"], out["1"])
-    assert (out["0"] - ref).abs().max().item() <= 1e-5
+    for isa, n in out.items():
+        assert (n - ref).abs().max().item() <= 1e-5, isa
+    if "avx512" in out:
+        assert torch.equal(out["avx512"], out["avx2"])
+    assert (out[_isas_here()[0]] - out["base"]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_lower_cpu_builds_pass_the_cpu_kernel_tests(isa):
+    """The suite runs the best build this CPU has; the cpu-backend tests of the op files (float64
+    references, every dtype and layout, poisoned outputs, noise, multistep) again on each lower one."""
+    if isa not in _isas_here()[1:]:
+        pytest.skip(f"the {isa} build is this CPU's best (or not runnable here): the suite already ran it")
+    files = [str(Path(__file__).parent / f) for f in ("test_ops.py", "test_layouts.py", "test_noise.py",
+                                                      "test_multistep.py")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu", *files],
+                       env=dict(os.environ, FDM_FAST_CPU_ISA=isa), capture_output=True, text=True, timeout=900)
+    tail = r.stdout[-3000:]
+    assert r.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+def test_bad_cpu_isa_setting_is_an_error_not_a_fallback():
+    r = _run_isa("sse", "from fdm_fast import ops; ops.randn((2, 4), backend='cpu')")
+    assert r.returncode != 0
+    assert "FDM_FAST_CPU_ISA: expected one of avx512, avx2, base (or unset), got 'sse'" in r.stderr
 
 
 def test_meta_kernels_give_shapes_and_layouts():

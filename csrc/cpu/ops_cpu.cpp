@@ -3,9 +3,9 @@
 // Work is split into tasks of kChunk logical elements of one sample, run by at::parallel_for, so a
 // sample's sigma and coefficients are scalars and each task owns its slice of the per-sample loss
 // partial sums (deterministic, no atomics). A task first fills a stack buffer with its noise (the
-// noise contract, four normals per Philox call, in vectorised stages compiled for AVX-512, AVX2 and
-// baseline x86-64 and chosen at load time), then runs one elementwise loop over the data: contiguous
-// tensors get unit-stride loops the compiler vectorises; channels_last ones compute addresses.
+// noise contract, four normals per Philox call, in vectorised stages), then runs one elementwise loop
+// over the data: contiguous tensors get unit-stride loops the compiler vectorises; channels_last ones
+// compute addresses. Each task is compiled for AVX-512, AVX2 and baseline x86-64 (Isa below).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -24,17 +24,40 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per task, a multiple of 4 (and of the 64-lane noise stage)
 
+// Instruction sets. Every task (run_chunk below) is compiled three times, for x86-64-v4 (AVX-512),
+// x86-64-v3 (AVX2, FMA, F16C) and baseline x86-64, with everything it calls inlined, so the noise
+// stages and the elementwise loops all get the wide vectors and the hardware's float<->half
+// conversions. One variant is chosen at load time: the best this CPU has, capped by the environment
+// variable FDM_FAST_CPU_ISA=avx512|avx2|base (tests run every cap). Results agree across variants to
+// rounding (the v3/v4 builds contract a*b+c into FMAs); within one variant they are deterministic.
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FDM_NO_TARGET_CLONES)
-#define FDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FDM_CLONES
+#define FDM_X86_VARIANTS 1
 #endif
+
+Isa detect_isa() {
+  Isa best = kBase;
+#if defined(__x86_64__) && defined(__GNUC__)  // (without FDM_X86_VARIANTS only the AVX-512 Philox uses it)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) best = kAvx2;
+  if (best == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd"))
+    best = kAvx512;
+#endif
+  const char* cap = std::getenv("FDM_FAST_CPU_ISA");  // checked by fdm_fast/ops/extension.py on import
+  if (cap && std::strcmp(cap, "base") == 0) return kBase;
+  if (cap && std::strcmp(cap, "avx2") == 0) return std::min(best, kAvx2);
+  return best;
+}
+
+const Isa cpu_isa = detect_isa();
 
 constexpr int kLanes = 128;  // counters per noise block (a multiple of 16)
 
 // Stage 1: Philox4x32-10 of counters c0 .. c0 + kLanes - 1 into r0..r3. Portable version, vectorised
-// by the compiler (AVX2 / baseline clones).
-FDM_CLONES void philox_generic(uint64_t c0, uint32_t k0, uint32_t k1, uint32_t* __restrict r0,
+// by the compiler in the AVX2 and baseline builds of a task.
+inline void philox_generic(uint64_t c0, uint32_t k0, uint32_t k1, uint32_t* __restrict r0,
                                uint32_t* __restrict r1, uint32_t* __restrict r2, uint32_t* __restrict r3) {
   for (int i = 0; i < kLanes; ++i) {
     const uint64_t c = c0 + static_cast<uint64_t>(i);
@@ -98,23 +121,9 @@ __attribute__((target("avx512f"))) void philox_avx512(uint64_t c0, uint32_t k0, 
 #pragma GCC diagnostic pop
 #endif
 
-using PhiloxStage = void (*)(uint64_t, uint32_t, uint32_t, uint32_t*, uint32_t*, uint32_t*, uint32_t*);
-
-// Chosen once at load time; FDM_FAST_CPU_NO_AVX512=1 forces the portable path (tests cover both).
-PhiloxStage pick_philox() {
-#ifdef FDM_HAVE_AVX512_PHILOX
-  const char* off = std::getenv("FDM_FAST_CPU_NO_AVX512");
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && !(off && off[0] && off[0] != '0')) return philox_avx512;
-#endif
-  return philox_generic;
-}
-
-const PhiloxStage philox_stage = pick_philox();
-
 // Stage 2: uniforms -> Box-Muller, interleaved into out[4i .. 4i+3] for i < m. Separate simple loops
 // vectorise; one fused loop does not (too much if-converted code).
-FDM_CLONES void box_muller_stage(const uint32_t* __restrict r0, const uint32_t* __restrict r1,
+inline void box_muller_stage(const uint32_t* __restrict r0, const uint32_t* __restrict r1,
                                  const uint32_t* __restrict r2, const uint32_t* __restrict r3, int m,
                                  float* __restrict o) {
   alignas(64) float rad0[kLanes], rad1[kLanes];
@@ -131,13 +140,47 @@ FDM_CLONES void box_muller_stage(const uint32_t* __restrict r0, const uint32_t* 
 }
 
 // Normals of counters c0 .. c0 + G - 1 (4 each) into out[0 .. 4G).
-void randn_block(uint64_t seed, uint64_t c0, int64_t G, float* __restrict out) {
+inline void randn_block_body(uint64_t seed, uint64_t c0, int64_t G, float* __restrict out) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   alignas(64) uint32_t r0[kLanes], r1[kLanes], r2[kLanes], r3[kLanes];
   for (int64_t g0 = 0; g0 < G; g0 += kLanes) {
-    philox_stage(c0 + static_cast<uint64_t>(g0), k0, k1, r0, r1, r2, r3);
+#ifdef FDM_HAVE_AVX512_PHILOX
+    if (cpu_isa == kAvx512) {
+      philox_avx512(c0 + static_cast<uint64_t>(g0), k0, k1, r0, r1, r2, r3);
+    } else {
+      philox_generic(c0 + static_cast<uint64_t>(g0), k0, k1, r0, r1, r2, r3);
+    }
+#else
+    philox_generic(c0 + static_cast<uint64_t>(g0), k0, k1, r0, r1, r2, r3);
+#endif
     box_muller_stage(r0, r1, r2, r3, static_cast<int>(std::min<int64_t>(kLanes, G - g0)), out + 4 * g0);
   }
+}
+
+// The noise stages in the three builds of Isa, kept out of line (noinline): inlined into every task
+// variant they tripled the library's size for no measurable gain.
+__attribute__((noinline, flatten)) void randn_block_base(uint64_t seed, uint64_t c0, int64_t G, float* __restrict out) {
+  randn_block_body(seed, c0, G, out);
+}
+
+#ifdef FDM_X86_VARIANTS
+__attribute__((noinline, flatten, target("arch=x86-64-v3"))) void randn_block_v3(uint64_t seed, uint64_t c0, int64_t G,
+                                                                                 float* __restrict out) {
+  randn_block_body(seed, c0, G, out);
+}
+
+__attribute__((noinline, flatten, target("arch=x86-64-v4"))) void randn_block_v4(uint64_t seed, uint64_t c0, int64_t G,
+                                                                                 float* __restrict out) {
+  randn_block_body(seed, c0, G, out);
+}
+#endif
+
+__attribute__((noinline)) void randn_block(uint64_t seed, uint64_t c0, int64_t G, float* __restrict out) {
+#ifdef FDM_X86_VARIANTS
+  if (cpu_isa == kAvx512) return randn_block_v4(seed, c0, G, out);
+  if (cpu_isa == kAvx2) return randn_block_v3(seed, c0, G, out);
+#endif
+  randn_block_base(seed, c0, G, out);
 }
 
 inline int64_t address(const Geometry& g, int64_t b, int64_t j) {
@@ -165,6 +208,27 @@ void fill_noise(const Noise& nz, const Geometry& g, int64_t b, int64_t j0, int64
   }
 }
 
+// One task in the three builds (see Isa above); flatten inlines the body (a lambda) and all it calls.
+template <class Body>
+__attribute__((flatten)) void run_chunk_base(const Body& body, int64_t b, int64_t c, int64_t j0, int64_t n,
+                                             float* __restrict buf) {
+  body(b, c, j0, n, buf);
+}
+
+#ifdef FDM_X86_VARIANTS
+template <class Body>
+__attribute__((flatten, target("arch=x86-64-v3"))) void run_chunk_v3(const Body& body, int64_t b, int64_t c,
+                                                                     int64_t j0, int64_t n, float* __restrict buf) {
+  body(b, c, j0, n, buf);
+}
+
+template <class Body>
+__attribute__((flatten, target("arch=x86-64-v4"))) void run_chunk_v4(const Body& body, int64_t b, int64_t c,
+                                                                     int64_t j0, int64_t n, float* __restrict buf) {
+  body(b, c, j0, n, buf);
+}
+#endif
+
 // Run body(b, chunk, j0, n, buf) over all (sample, chunk) tasks in parallel.
 template <class Body>
 void for_chunks(const Geometry& g, const Body& body) {
@@ -173,7 +237,18 @@ void for_chunks(const Geometry& g, const Body& body) {
     alignas(64) float buf[kChunk + 8];
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t b = t / nch, c = t % nch, j0 = c * kChunk;
-      body(b, c, j0, std::min(kChunk, g.P - j0), buf);
+      const int64_t n = std::min(kChunk, g.P - j0);
+#ifdef FDM_X86_VARIANTS
+      if (cpu_isa == kAvx512) {
+        run_chunk_v4(body, b, c, j0, n, buf);
+        continue;
+      }
+      if (cpu_isa == kAvx2) {
+        run_chunk_v3(body, b, c, j0, n, buf);
+        continue;
+      }
+#endif
+      run_chunk_base(body, b, c, j0, n, buf);
     }
   });
 }
@@ -477,3 +552,9 @@ void randn(const RandnArgs& a) {
 
 }  // namespace cpu
 }  // namespace fdm
+
+// The task build in use: "avx512", "avx2" or "base" (fdm_fast._C.cpu_isa()).
+extern "C" const char* fdm_fast_cpu_isa() {
+  using namespace fdm::cpu;
+  return cpu_isa == kAvx512 ? "avx512" : cpu_isa == kAvx2 ? "avx2" : "base";
+}

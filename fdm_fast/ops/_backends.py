@@ -48,6 +48,8 @@ def extension() -> tuple[Optional[ModuleType], str]:
     if "ext" not in _LOADED and "ext" not in _WHY:
         try:
             _LOADED["ext"] = importlib.import_module("fdm_fast.ops.extension")
+        except ValueError:  # a bad setting (FDM_FAST_CPU_ISA), not a missing build: say so, do not fall back
+            raise
         except Exception as e:
             _WHY["ext"] = (f"the compiled extension fdm_fast._C is not built ({type(e).__name__}: {e}); "
                            "build it with `pip install --no-build-isolation -e .` on a machine with a C++ compiler")

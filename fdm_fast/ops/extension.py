@@ -9,9 +9,16 @@ that into a clear "not available" reason.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .. import _C  # noqa: F401  (loading the library registers torch.ops.fdm_fast_ext)
+CPU_ISAS = ("avx512", "avx2", "base")
+_cap = os.environ.get("FDM_FAST_CPU_ISA", "")
+if _cap not in ("",) + CPU_ISAS:  # read by the library as it loads, so checked before it does
+    raise ValueError(f"FDM_FAST_CPU_ISA: expected one of {', '.join(CPU_ISAS)} (or unset), got {_cap!r}")
+
+from .. import _C  # noqa: E402  (loading the library registers torch.ops.fdm_fast_ext)
 
 OPS = torch.ops.fdm_fast_ext
 
@@ -82,6 +89,12 @@ def has_cpu() -> bool:
 
 def has_cuda() -> bool:
     return bool(_C.has_cuda())
+
+
+def cpu_isa() -> str:
+    """The build of the CPU kernels in use: the best of avx512 / avx2 / base this CPU runs, capped by
+    FDM_FAST_CPU_ISA (csrc/cpu/ops_cpu.cpp, Isa)."""
+    return str(_C.cpu_isa())
 
 
 class DenoiseLoss(torch.autograd.Function):

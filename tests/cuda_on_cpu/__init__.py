@@ -152,6 +152,11 @@ def install(lib_path, sm_count: int = 2) -> ctypes.CDLL:
     mod.has_cpu = lambda: True  # the `cpu` backend: CPU tensors (and the CUDA kernels in that build)
     mod.has_cuda = lambda: False
     mod.set_poison = lambda on: lib.fdm_fast_set_poison(1 if on else 0)
+    if hasattr(lib, "fdm_fast_cpu_isa"):  # the kernels="cpu" build
+        lib.fdm_fast_cpu_isa.restype = ctypes.c_char_p
+        mod.cpu_isa = lambda: lib.fdm_fast_cpu_isa().decode()
+    else:
+        mod.cpu_isa = lambda: "cuda_on_cpu"
     mod.emulated_launches = lambda: int(lib.fdm_emu_launches())
     sys.modules["fdm_fast._C"] = mod
     import fdm_fast
