@@ -26,7 +26,14 @@ def machine_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    isa = ""
+    try:  # which build of fdm_fast's CPU kernels runs (FDM_FAST_CPU_ISA caps it)
+        from fdm_fast.ops import extension
+
+        isa = f", fdm_fast CPU kernels: {extension.cpu_isa()}"
+    except ImportError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads (torch {torch.__version__}{isa})"
 
 
 def steady_heap() -> str:

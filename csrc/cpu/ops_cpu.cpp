@@ -24,15 +24,17 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per task, a multiple of 4 (and of the 64-lane noise stage)
 
-// Instruction sets. Every task (run_chunk below) is compiled three times, for x86-64-v4 (AVX-512),
-// x86-64-v3 (AVX2, FMA, F16C) and baseline x86-64, with everything it calls inlined, so the noise
-// stages and the elementwise loops all get the wide vectors and the hardware's float<->half
-// conversions. One variant is chosen at load time: the best this CPU has, capped by the environment
-// variable FDM_FAST_CPU_ISA=avx512|avx2|base (tests run every cap). Results agree across variants to
-// rounding (the v3/v4 builds contract a*b+c into FMAs); within one variant they are deterministic.
+// Instruction sets. Every task (run_chunk_* below) is compiled three times, for x86-64-v4 (AVX-512),
+// x86-64-v3 (AVX2, FMA, F16C) and baseline x86-64, with its body inlined, so the elementwise loops get
+// the wide vectors and the hardware's float<->half conversions; the noise block has its own three
+// builds (randn_block_*). One variant is chosen at load time: the best this CPU has, capped by the
+// environment variable FDM_FAST_CPU_ISA=avx512|avx2|base (the suite runs the cpu-backend op tests
+// under every cap the machine has). Results agree across variants to rounding (the v3/v4 builds
+// contract a*b+c into FMAs); within one variant they are deterministic. Clang, or -DFDM_NO_ISA_VARIANTS,
+// builds the baseline only (the AVX-512 Philox is still used where the CPU has it).
 enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FDM_NO_TARGET_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FDM_NO_ISA_VARIANTS)
 #define FDM_X86_VARIANTS 1
 #endif
 
