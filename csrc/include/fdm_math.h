@@ -121,9 +121,12 @@ FDM_HD float u32_to_uniform(uint32_t v) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// log and sin/cos(2 pi u) for Box-Muller. On the device, CUDA's accurate logf and sincospif. On the
-// host, branch-free polynomials (|error| < 2e-7 on the inputs Box-Muller feeds them), so that the
-// compiler vectorises the noise loops without -ffast-math; results agree with Triton's to ~1e-6.
+// log and sin/cos(2 pi u) for Box-Muller: branch-free polynomials (|error| < 2e-7 on the inputs
+// Box-Muller feeds them), on the host and the device alike, and in the Triton kernels
+// (fdm_fast/ops/triton_common.py). On the host the compiler vectorises them without -ffast-math; on
+// the device they replace logf and sincospif, whose general range handling Box-Muller never needs.
+// The same formulas in every backend: without FMA contraction (the CPU's baseline build, Triton's
+// interpreter) CPU and Triton noise are bit for bit equal; with it they agree to rounding.
 
 // Bit casts; __builtin_bit_cast (not memcpy) keeps values in registers so loops vectorise.
 FDM_HD float bits_to_float(uint32_t u) {
@@ -187,17 +190,10 @@ FDM_HD float clamp_uniform(float u) {
 
 FDM_HD void box_muller(float u1, float u2, float& n1, float& n2) {
   u1 = clamp_uniform(u1);
-#if defined(__CUDA_ARCH__)
-  const float r = sqrtf(-2.0f * logf(u1));
-  float s, c;
-  sincospif(2.0f * u2, &s, &c);
-#else
   const float r = sqrtf(-2.0f * log_poly(u1));
   const SinCos sc = sincos_2pi_poly(u2);
-  const float s = sc.s, c = sc.c;
-#endif
-  n1 = r * c;
-  n2 = r * s;
+  n1 = r * sc.c;
+  n2 = r * sc.s;
 }
 
 // The four normals of counter `counter` under key `seed`.

@@ -89,11 +89,42 @@ def _uniform(x):
 
 
 @triton.jit
+def _log_poly(u):
+    """Natural log of a positive normal float32, as ``log_poly`` in csrc/include/fdm_math.h: the
+    exponent from the bits, then log(m) = f q(f) on m in [sqrt(1/2), sqrt(2)) (|error| < 5e-8)."""
+    ix = u.to(tl.int32, bitcast=True) - 0x3F3504F3  # bits of sqrt(1/2)
+    e = ix >> 23  # arithmetic shift
+    f = ((ix & 0x7FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
+    q = 1.0 + f * (-4.999998808e-01 + f * (3.333418369e-01 + f * (-2.500215471e-01 + f * (1.995697767e-01 + f * (
+        -1.656069607e-01 + f * (1.494909525e-01 + f * (-1.437733024e-01 + f * 8.743945509e-02)))))))
+    return e.to(tl.float32) * 0.693147180559945 + f * q
+
+
+@triton.jit
+def _sincos_2pi(u):
+    """(sin, cos)(2 pi u) for u in [0, 1), as ``sincos_2pi_poly`` in fdm_math.h: the nearest quarter
+    turn q, Taylor series on x = 2 pi (u - q/4) in [-pi/4, pi/4] (errors < 1e-9), a rotation by q."""
+    q = (4.0 * u + 0.5).to(tl.int32)  # truncation is floor for u >= 0
+    x = (u - 0.25 * q.to(tl.float32)) * 6.283185307179586
+    x2 = x * x
+    s = x * (1.0 + x2 * (-1.0 / 6 + x2 * (1.0 / 120 + x2 * (-1.0 / 5040 + x2 * (1.0 / 362880 + x2 * (
+        -1.0 / 39916800))))))
+    c = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24 + x2 * (-1.0 / 720 + x2 * (1.0 / 40320 + x2 * (-1.0 / 3628800 + x2 * (
+        1.0 / 479001600))))))
+    odd = (q & 1) != 0
+    a = tl.where(odd, c, s)
+    b = tl.where(odd, s, c)
+    return tl.where((q & 2) != 0, -a, a), tl.where(((q + 1) & 2) != 0, -b, b)
+
+
+@triton.jit
 def _box_muller(u1, u2):
+    # The CPU kernels' branch-free polynomials, not libdevice's logf/sinf/cosf: those carry a general
+    # range reduction (and its slow path) for arguments Box-Muller never makes.
     u1 = tl.maximum(1.0e-7, u1)
-    th = 6.283185307179586 * u2
-    r = tl.sqrt(-2.0 * tl.log(u1))
-    return r * tl.cos(th), r * tl.sin(th)
+    r = tl.sqrt(-2.0 * _log_poly(u1))
+    s, c = _sincos_2pi(u2)
+    return r * c, r * s
 
 
 @triton.jit

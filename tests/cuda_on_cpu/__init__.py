@@ -14,8 +14,8 @@ It checks the kernels' indexing, grid-stride loops, vector and scalar paths, cha
 noise placement, coefficient columns and reductions; built with AddressSanitizer, also that no thread
 reads or writes outside its tensors (on a GPU a stray read inside the allocator's 512-byte rounding
 passes silently). It cannot check the GPU memory model, concurrent
-blocks, device math (fdm_math.h's host branch runs, so the noise is the CPU backend's bit for bit) or
-speed: those need a GPU.
+blocks, the device's rounding (fdm_math.h has the same formulas on host and device, noise included;
+nvcc's FMA contraction and the device's expf differ) or speed: those need a GPU.
 
     python tests/cuda_on_cpu/__init__.py BUILD_DIR     # build only; prints the library's path
 """

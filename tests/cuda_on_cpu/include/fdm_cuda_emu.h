@@ -4,8 +4,9 @@
 // on a GPU (a barrier per block and per warp of 32 threads). `__shared__` becomes a function-static
 // array: with one block at a time, that is the block's shared memory.
 //
-// What this does not emulate: concurrent blocks, the GPU memory model, device math (fdm_math.h takes
-// its host branch here, so the noise is the CPU backend's bit for bit), launch limits, performance.
+// What this does not emulate: concurrent blocks, the GPU memory model, the device's rounding
+// (fdm_math.h: same formulas on host and device; FMA contraction and expf differ), launch limits,
+// performance.
 #pragma once
 
 #include <math.h>
