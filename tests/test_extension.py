@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, requires_cpu_ext
+from conftest import CUDA_ON_CPU, DEVICE, assert_close, requires_cpu_ext
 from fdm_fast import ops, schedules
 
 pytestmark = requires_cpu_ext
@@ -117,7 +117,12 @@ _NOISE = ("import sys, torch; from fdm_fast import ops; from fdm_fast.ops import
           "torch.save(n, sys.argv[1]); print(extension.cpu_isa())")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+# Under tests/cuda_on_cpu the `cpu` backend is the emulated CUDA build: these are about the real one.
+real_cpu_build = pytest.mark.skipif(bool(CUDA_ON_CPU) or not sys.platform.startswith("linux"),
+                                    reason="the real CPU build's variants (reads /proc/cpuinfo)")
+
+
+@real_cpu_build
 def test_every_cpu_build_gives_the_contracts_noise(tmp_path):
     """FDM_FAST_CPU_ISA caps the build the CPU kernels run: each one this machine has gives the noise
     contract's normals, AVX-512 (the hand-written Philox) and AVX2 bit for bit (integer Philox, the
@@ -137,7 +142,7 @@ def test_every_cpu_build_gives_the_contracts_noise(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+@real_cpu_build
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_lower_cpu_builds_pass_the_cpu_kernel_tests(isa):
     """The suite runs the best build this CPU has; the cpu-backend tests of the op files (float64
@@ -153,6 +158,7 @@ def test_lower_cpu_builds_pass_the_cpu_kernel_tests(isa):
     assert " passed" in tail and "failed" not in tail, tail
 
 
+@real_cpu_build
 def test_bad_cpu_isa_setting_is_an_error_not_a_fallback():
     r = _run_isa("sse", "from fdm_fast import ops; ops.randn((2, 4), backend='cpu')")
     assert r.returncode != 0
