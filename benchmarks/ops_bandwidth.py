@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name, steady_heap,  # noqa: E402
-                      time_graphed, time_interleaved)
+from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name,  # noqa: E402
+                      steady_heap, time_graphed, time_interleaved)
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -281,9 +281,11 @@ def main(argv=None):
                          torch.zeros(nbytes // 2, dtype=torch.uint8, device=device)) for _ in range(nsets)]
                 impls.append(("copy", rotating(bufs)(lambda b: b[1].copy_(b[0]))))
                 # every input set is touched before timing; calls of all implementations interleave
+                n_reps, n_warm = max(reps, nsets), nsets + 1
                 flt0 = _minor_faults()
-                timed = time_interleaved(dict(impls), device, reps=max(reps, nsets), warmup=nsets + 1)
-                faults.append((_minor_faults() - flt0) / ((max(reps, nsets) + nsets + 1) * len(impls)))
+                timed = time_interleaved(dict(impls), device, reps=n_reps, warmup=n_warm)
+                # per call: the first (timed apart), the warm-up rounds and the timed rounds, of every impl
+                faults.append((_minor_faults() - flt0) / ((1 + n_warm + n_reps) * len(impls)))
                 dev = time_graphed(dict(impls), device, calls=nsets) if cuda else {}
                 best = {k: dev.get(k) or timed[k][0] for k, _ in impls}
                 for impl, _ in impls:
@@ -309,8 +311,8 @@ def main(argv=None):
     if heap:
         notes.append(heap[0].upper() + heap[1:])
     if device.type == "cpu" and faults:
-        notes.append(f"Page faults per call, warm-up included, worst row: {max(faults):.1f} (a fault-free heap reads ~0; "
-                     "a few MB of fresh pages is ~1,500)")
+        notes.append(f"Page faults per call, warm-up included, worst row: {max(faults):.1f} "
+                     "(a fault-free heap reads ~0; a few MB of fresh pages is ~1,500)")
         print(notes[-1])
     if args.results:
         append_results("ops_bandwidth", header, rows, notes, path=args.results)

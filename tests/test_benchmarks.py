@@ -99,7 +99,6 @@ def test_guidance_study_runs_on_a_conditional_snapshot(tmp_path):
     assert "label accuracy" in out.read_text()
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_ops_bandwidth_steady_heap_removes_most_page_faults():
     """On a CPU ops_bandwidth keeps freed blocks in glibc's heap (--malloc steady) and reports the page

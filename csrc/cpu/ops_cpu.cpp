@@ -177,7 +177,7 @@ __attribute__((noinline, flatten, target("arch=x86-64-v4"))) void randn_block_v4
 }
 #endif
 
-__attribute__((noinline)) void randn_block(uint64_t seed, uint64_t c0, int64_t G, float* __restrict out) {
+inline void randn_block(uint64_t seed, uint64_t c0, int64_t G, float* __restrict out) {
 #ifdef FDM_X86_VARIANTS
   if (cpu_isa == kAvx512) return randn_block_v4(seed, c0, G, out);
   if (cpu_isa == kAvx2) return randn_block_v3(seed, c0, G, out);
