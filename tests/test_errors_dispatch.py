@@ -163,3 +163,36 @@ def test_negative_seeds_and_offsets_refused_as_ints_and_as_tensors(backend):
                dict(seed=torch.tensor([1, 2]), offset=torch.tensor([0, -5])), dict(offset=torch.tensor([2**62]))):
         with pytest.raises(ValueError, match="seed|offset"):
             ops.perturb(y, 1.0, "edm", backend=backend, **kw)
+
+
+@requires_triton_on_cpu
+def test_triton_ops_run_interpreted_under_a_torch_whose_wrap_triton_refuses_them(monkeypatch):
+    """torch 2.12 and older raise in ``wrap_triton`` for the interpreter's kernels (2.13 passes them
+    through): every Triton launch goes through ``triton_common.traceable``, which never hands them over."""
+    import triton.runtime.interpreter as interp
+
+    from fdm_fast.ops import triton_common
+
+    def old_wrap_triton(kernel):  # what torch 2.11's wrap_triton does with an interpreted kernel
+        if isinstance(kernel, interp.InterpretedFunction):
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+        return kernel
+
+    def every_op():
+        g = torch.Generator().manual_seed(7)
+        x, F, G, H = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(4))
+        Fg = F.clone().requires_grad_(True)
+        ops.denoise_loss(Fg, y, 1.5, P, seed=3, backend="triton").backward()
+        return [ops.perturb(y, 1.5, P, seed=3, backend="triton"), ops.randn((2, 3, 8, 8), seed=3, backend="triton"),
+                Fg.grad, *ops.churn(x, 1.0, 1.2, P, seed=3, backend="triton"),
+                *ops.euler_step(x, F, 1.0, 0.5, P, backend="triton"),
+                *ops.heun_step(x, F, G, 1.0, 0.5, P, t_hat_next=0.6, seed=3, backend="triton"),
+                *ops.multistep(x, F, c_skip=0.5, c_out=2.0, a=0.25, b=1.0, history=[H], h=[-0.5], G=G, w_G=0.3,
+                               noise_scale=0.1, seed=3, c_in_next=0.5, keep=(0.0, 1.0), backend="triton")]
+
+    expected = every_op()
+    monkeypatch.setattr(triton_common, "wrap_triton", old_wrap_triton)
+    with pytest.raises(RuntimeError, match="wrap_triton only works"):  # the stand-in does refuse them
+        triton_common.wrap_triton(triton_common.randn4)
+    for got, want in zip(every_op(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

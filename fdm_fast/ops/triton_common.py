@@ -25,6 +25,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a Triton without the interpreter
+    InterpretedFunction = None
 
 MAX_ROWS = 256  # rows of 4 elements per program: 1024 elements with 4 warps
 TILE = 4 * MAX_ROWS
@@ -224,6 +230,18 @@ def noise(rng_ptr, b, q, j, HW, IDX_PER_SAMPLE, RNG_STRIDE, CHANNELS_LAST: tl.co
 
 # ----------------------------------------------------------------------------------------------
 # Host side.
+
+
+def traceable(kernel):
+    """``torch.library.wrap_triton(kernel)``: a launch that ``torch.compile`` can trace through.
+
+    Under Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU tests run the kernels) ``triton.jit``
+    gives an ``InterpretedFunction``, which has nothing to trace; torch 2.13 returns such a kernel as it
+    is, while torch 2.12 and older raise ("wrap_triton only works on functions annotated with
+    triton.jit"). Returning it unwrapped here gives every torch version 2.13's behaviour."""
+    if InterpretedFunction is not None and isinstance(kernel, InterpretedFunction):
+        return kernel
+    return wrap_triton(kernel)
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

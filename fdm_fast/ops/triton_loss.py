@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import triton_common as tc
 
@@ -79,8 +79,8 @@ def loss_fwd(F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.T
              clamp: torch.Tensor, kind: int, fdm: bool, params: list[float]) -> torch.Tensor:
     L, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
     partial = tc.empty((L.B, L.nprog), torch.float32, F.device)
-    wrap_triton(_loss_fwd_kernel)[L.grid](*tensors, partial, *scalars, KIND=kind, FDM=fdm,
-                                          HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
+    tc.traceable(_loss_fwd_kernel)[L.grid](*tensors, partial, *scalars, KIND=kind, FDM=fdm,
+                                           HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return partial.sum(dim=1)
 
 
@@ -90,8 +90,8 @@ def loss_bwd(grad: torch.Tensor, F: torch.Tensor, y: torch.Tensor, sigma: torch.
              params: list[float]) -> torch.Tensor:
     L, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
     dF = tc.empty_like_layout(F, F.dtype)
-    wrap_triton(_loss_bwd_kernel)[L.grid](grad.float().contiguous(), *tensors, dF, *scalars, KIND=kind, FDM=fdm,
-                                          HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
+    tc.traceable(_loss_bwd_kernel)[L.grid](grad.float().contiguous(), *tensors, dF, *scalars, KIND=kind, FDM=fdm,
+                                           HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
     return dF
 
 

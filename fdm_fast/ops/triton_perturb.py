@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import triton_common as tc
 
@@ -53,7 +53,7 @@ def perturb(y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor, noise: Opti
     net_in = tc.empty_like_layout(y, out_dtype)
     x = tc.empty_like_layout(y, torch.float32) if write_x else y.new_empty(0, dtype=torch.float32)
     sd, _, _, smin, smax, m, fbm, fbd = params
-    wrap_triton(_perturb_kernel)[L.grid](
+    tc.traceable(_perturb_kernel)[L.grid](
         y, sigma, 1 if sigma.numel() > 1 else 0, rng, noise if noise is not None else y, net_in, x,
         *L.geometry(), L.idx_per_sample, L.rng_stride, sd, smin, smax, m, fbm, fbd,
         KIND=kind, FDM=fdm, HAS_NOISE=noise is not None, WRITE_X=write_x, ALIGNED=L.aligned, **L.consts())
@@ -66,6 +66,6 @@ def randn(shape: list[int], rng: torch.Tensor) -> torch.Tensor:
     # per-sample rows: B samples; one shared row: the whole tensor is one logical sample
     flat = out.view(shape[0], -1) if rng.shape[0] > 1 else out.view(1, -1)
     L = tc.Launch(flat, rng)
-    wrap_triton(_randn_kernel)[L.grid](out, rng, *L.geometry(), L.idx_per_sample, L.rng_stride,
-                                       ALIGNED=L.aligned, **L.consts())
+    tc.traceable(_randn_kernel)[L.grid](out, rng, *L.geometry(), L.idx_per_sample, L.rng_stride,
+                                        ALIGNED=L.aligned, **L.consts())
     return out

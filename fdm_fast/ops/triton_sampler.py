@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import triton_common as tc
 
@@ -117,7 +117,7 @@ def churn(x: torch.Tensor, t_cur: torch.Tensor, t_hat: Optional[torch.Tensor], r
     x_hat = tc.empty_like_layout(x, torch.float32)
     net_in = tc.empty_like_layout(x, net_dtype)
     draws = t_hat is not None
-    wrap_triton(_churn_kernel)[L.grid](
+    tc.traceable(_churn_kernel)[L.grid](
         x, t_cur, t_hat if draws else t_cur, _t_stride(t_cur), rng, noise if noise is not None else x, x_hat, net_in,
         S_noise, *L.geometry(), L.idx_per_sample, L.rng_stride, *_spec_args(params),
         KIND=kind, FDM=fdm, NOISE=draws, HAS_NOISE=noise is not None, ALIGNED=L.aligned, **L.consts())
@@ -133,7 +133,7 @@ def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: to
     x_next = tc.empty_like_layout(x, torch.float32) if write_x else x.new_empty(0)
     d = tc.empty_like_layout(x, torch.float32) if write_d else x.new_empty(0)
     net_in = tc.empty_like_layout(x, net_dtype)
-    wrap_triton(_euler_kernel)[L.grid](
+    tc.traceable(_euler_kernel)[L.grid](
         x, F, t_cur, t_next, _t_stride(t_cur), x_next, d, net_in, *L.geometry(), *_spec_args(params),
         KIND=kind, FDM=fdm, WRITE_X=write_x, WRITE_D=write_d, **L.consts())
     return x_next, d, net_in
@@ -148,7 +148,7 @@ def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur: torch.Te
     x_next = tc.empty_like_layout(x, torch.float32)
     net_in = tc.empty_like_layout(x, net_dtype)
     churning = t_hat_next is not None
-    wrap_triton(_heun_kernel)[L.grid](
+    tc.traceable(_heun_kernel)[L.grid](
         x, d, F, t_cur, t_next, t_hat_next if churning else t_next, _t_stride(t_cur), rng,
         noise if noise is not None else x, x_next, net_in, S_noise,
         *L.geometry(), L.idx_per_sample, L.rng_stride, *_spec_args(params),
@@ -208,7 +208,7 @@ def multistep(x: torch.Tensor, F: Optional[torch.Tensor], G: Optional[torch.Tens
     net_in = tc.empty_like_layout(x, net_dtype) if write_net else x.new_empty(0)
     keep = tc.empty_like_layout(x, torch.float32) if write_keep else x.new_empty(0)
     hs = list(history) + [x] * (4 - K)
-    wrap_triton(_multistep_kernel)[L.grid](
+    tc.traceable(_multistep_kernel)[L.grid](
         x, F if F is not None else x, G if G is not None else x, *hs, coef, coef.shape[1] if coef.shape[0] > 1 else 0,
         rng, noise if noise is not None else x, x_next, net_in, keep,
         *L.geometry(), L.idx_per_sample, L.rng_stride,
