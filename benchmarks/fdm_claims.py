@@ -151,7 +151,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run of about a minute (1 seed, 0.384 kimg, "
                                                         "tiny evaluations); what the tests run")
-    ap.add_argument("--experiments", nargs="+", default=["E1", "E2", "E3"], choices=["E1", "E2", "E3"])
+    ap.add_argument("--experiments", nargs="+", default=["E1", "E2", "E3"], choices=["E1", "E2", "E3"],
+                    help="E1 training speed, E2 momentum strength and warm-up, E3 quality vs NFE (default: all)")
     ap.add_argument("--arms", nargs="+", default=["edm", "vp"], choices=list(PAIRS),
                     help="E1's baseline/FDM pairs (default: edm vp; ve adds VE vs FDM-VE)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per E1 arm (default 3)")

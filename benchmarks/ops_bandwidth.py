@@ -221,8 +221,10 @@ def main(argv=None):
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS), help="ops to time (default: all)")
     ap.add_argument("--sizes", nargs="+", default=["cifar", "ffhq64"], choices=list(SIZES),
                     help="cifar 512x3x32x32, b64 64x3x64x64, ffhq64 256x3x64x64 (default: cifar ffhq64)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
+                    help="network dtypes of the inputs and outputs (default: fp32 bf16)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device to time on (default cuda when there is one, else cpu)")
     ap.add_argument("--backends", nargs="*", default=None,
                     help="fused backends to time (default: every available one except the torch reference)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves compile time)")

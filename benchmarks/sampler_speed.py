@@ -40,7 +40,7 @@ from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
 from fdm_fast import solvers  # noqa: E402
 from fdm_fast.sampling import GraphedSampler, edm_sampler  # noqa: E402
-from fdm_fast.schedules import edm_time_steps  # noqa: E402
+from fdm_fast.schedules import PRECONDS, edm_time_steps  # noqa: E402
 
 
 @torch.no_grad()
@@ -243,11 +243,16 @@ def plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="auto", choices=["auto", "ffhq64", "digits"])
-    ap.add_argument("--precond", default="fdm_edm")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device to time on (default cuda when there is one, else cpu)")
+    ap.add_argument("--preset", default="auto", choices=["auto", "ffhq64", "digits"],
+                    help="network of the speed part: 64x64 DDPM++ (ffhq64) or the 16x16 digits one (auto: ffhq64 on a "
+                         "GPU, digits on a CPU)")
+    ap.add_argument("--precond", default="fdm_edm", choices=list(PRECONDS), help="preconditioning (default fdm_edm)")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 64)")
-    ap.add_argument("--nfe", type=int, nargs="+", default=[13, 25, 35, 49, 79])
+    ap.add_argument("--nfe", type=int, nargs="+", default=[13, 25, 35, 49, 79],
+                    help="NFE values of the NFE study (analytic mixture, or --network) and, on a GPU, of the speed part "
+                         "(default 13 25 35 49 79)")
     ap.add_argument("--speed-nfe", type=int, nargs="+", default=None,
                     help="NFE values for the speed part (default: 13 35 on CPU, all on GPU)")
     ap.add_argument("--nfe-samples", type=int, default=2000, help="samples per point of the NFE study")

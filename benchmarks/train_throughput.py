@@ -44,6 +44,7 @@ from fdm_fast import ops, train  # noqa: E402
 from fdm_fast.data import open_dataset  # noqa: E402
 from fdm_fast.loss import fdm_clamp, training_loss  # noqa: E402
 from fdm_fast.nn import Denoiser, build_denoiser, count_parameters  # noqa: E402
+from fdm_fast.schedules import PRECONDS  # noqa: E402
 
 PRESETS = {
     "ffhq64": dict(img_resolution=64, img_channels=3, network=dict(channel_mult=(1, 2, 2, 2), dropout=0.05)),
@@ -119,16 +120,17 @@ def make_step(flags: set, cfg: dict, images: torch.Tensor, device: torch.device,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device to time on (default cuda when there is one, else cpu)")
     ap.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                     help="network and data size (auto: ffhq64 on a GPU, digits on a CPU)")
-    ap.add_argument("--precond", default="fdm_edm")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--precond", default="fdm_edm", choices=list(PRECONDS), help="preconditioning (default fdm_edm)")
+    ap.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30 GPU, 10 CPU)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per row after the first")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="include the torch.compile rows (default: on; compile time is reported apart)")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="finish within about S seconds: rows not started by then are reported as skipped, and "
                          "fewer timed steps are taken (at least one per row) instead of losing the run")

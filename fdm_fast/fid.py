@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     c.add_argument("--steps", type=int, default=18, help="Heun steps with --network (default 18)")
     for p in (r, c):
         p.add_argument("--inception", default=None, help=f"path to {INCEPTION_FILE}")
-        p.add_argument("--batch", type=int, default=100)
+        p.add_argument("--batch", type=int, default=100, help="images per Inception batch (default 100)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for flag in ("batch", "num", "steps"):

@@ -68,12 +68,15 @@ def main(argv=None) -> int:
     ap.add_argument("--guide-network", default=None, metavar="SNAP",
                     help="autoguidance: a weaker snapshot of the same task (e.g. an earlier one) as the guide")
     ap.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity (EDM's S_churn; default 0)")
-    ap.add_argument("--S-min", dest="S_min", type=float, default=0.0)
-    ap.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
-    ap.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
-    ap.add_argument("--sigma-min", type=float, default=0.002)
-    ap.add_argument("--sigma-max", type=float, default=80.0)
-    ap.add_argument("--rho", type=float, default=7.0)
+    ap.add_argument("--S-min", dest="S_min", type=float, default=0.0, help="churn only at sigma >= S_min (default 0)")
+    ap.add_argument("--S-max", dest="S_max", type=float, default=float("inf"),
+                    help="churn only at sigma <= S_max (default inf)")
+    ap.add_argument("--S-noise", dest="S_noise", type=float, default=1.0, help="scale of the churn noise (default 1)")
+    ap.add_argument("--sigma-min", type=float, default=0.002,
+                    help="lowest noise level of the schedule (default 0.002, raised to the network's own minimum)")
+    ap.add_argument("--sigma-max", type=float, default=80.0,
+                    help="highest noise level, where sampling starts (default 80, lowered to the network's own maximum)")
+    ap.add_argument("--rho", type=float, default=7.0, help="exponent of EDM's rho schedule (--schedule edm; default 7)")
     ap.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     ap.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (conditional networks)")
     ap.add_argument("--outdir", default=None, help="write one PNG per seed here (1000 per subfolder)")
