@@ -93,7 +93,9 @@ def has_cuda() -> bool:
 
 def cpu_isa() -> str:
     """The build of the CPU kernels in use: the best of avx512 / avx2 / base this CPU runs, capped by
-    FDM_FAST_CPU_ISA (csrc/cpu/ops_cpu.cpp, Isa)."""
+    FDM_FAST_CPU_ISA (csrc/cpu/ops_cpu.cpp, Isa). A library built by Clang (or with -DFDM_NO_ISA_VARIANTS)
+    has the baseline build of every task only; there this names only the Philox stage of the noise (the
+    hand-written AVX-512 one, or the portable one)."""
     return str(_C.cpu_isa())
 
 
