@@ -21,11 +21,12 @@
 #   c      (GPU_CHECK_MODE=c, stage limits sum to 360 s; what is left of a session after b):
 #          sampler_speed.py at batch 1, ops_bandwidth.py with device time, the CUDA-graph tests (every sampler
 #          and solver), the dispatch tests and ops.multistep on the cuda and triton backends
-#   pending (GPU_CHECK_MODE=pending, stage limits sum to 470 s): only what issues 12 and 13 still wait for
+#   pending (GPU_CHECK_MODE=pending, stage limits sum to 485 s): only what issues 12 and 13 still wait for
 #          after the H200 runs of 2026-11-29: the -lstdc++ build's argument errors (ext_probe, test_extension),
 #          ops.multistep on cuda and triton with its opcheck, every solver captured in a CUDA graph, the
 #          sync check with the default (cuda) backend, the batch-64 sampler table with its bf16-network row,
-#          and the ops that draw noise at 256x3x64x64 (Box-Muller on polynomials since 2026-11-30)
+#          and the ops that draw noise at 256x3x64x64 (Box-Muller on polynomials since 2026-11-30), with
+#          perturb+loss (the pair a training step calls)
 # Every part begins with the build and benchmarks/ext_probe.py (the crash of a C++ argument error seen
 # on the H200). The benchmarks get a --time-budget a little under their stage's limit, so a slow
 # compile costs repetitions or rows, reported as such, instead of the whole table.
@@ -125,8 +126,8 @@ elif [ "$mode" = "pending" ]; then
   # H200): 115 s of budget would leave it about 10 s to spare
   stage sampler 170 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
     --batch 64 --speed-nfe 35 --no-nfe-study --reps 3 --time-budget 155
-  stage bench 60 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
-    --sizes ffhq64 --dtypes fp32 bf16 --ops perturb loss churn
+  stage bench 75 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
+    --sizes ffhq64 --dtypes fp32 bf16 --ops perturb loss perturb+loss churn
 elif [ "$mode" = "b" ]; then
   stage train_ffhq 330 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
     "${R[@]}" --preset ffhq64 --batch 64 --steps 5 --warmup 1 --time-budget 310

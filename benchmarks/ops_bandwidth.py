@@ -1,6 +1,7 @@
 """One harness for every fused op: median time, GB/s and fraction of the measured copy bandwidth.
 
-For each op, size and dtype, in one run on one machine:
+For each op (perturb, loss fwd+bwd, churn, euler, heun, and perturb+loss: the pair a training step calls,
+where the fused loss regenerates the noise eager keeps), size and dtype, in one run on one machine:
   eager     the official code's op-by-op math in PyTorch (noise from torch.randn, stored for the loss)
   compile   torch.compile (inductor) of that same composite
   <backend> each fused fdm_fast backend available on the device (triton / cuda / cpu; the torch
@@ -70,6 +71,10 @@ class Op:
     def fused(self, i, backend):
         raise NotImplementedError
 
+    def compiled(self):
+        """The compile row: torch.compile of the eager composite."""
+        return torch.compile(self.eager, dynamic=False)
+
 
 class Perturb(Op):
     name = "perturb"
@@ -122,6 +127,43 @@ class Loss(Op):
         loss = ops.denoise_loss(i["F"], i["y"], i["sigma"], PRECOND, seed=i["seed"], clamp=CLAMP, backend=backend)
         loss.backward()
         i["F"].grad = None
+
+    def compiled(self):  # the backward stays outside the compiled function (autograd runs inductor's backward)
+        comp = torch.compile(self.composite, dynamic=False)
+        return lambda i: self.eager(i, comp)
+
+
+class PerturbLoss(Loss):
+    """The two ops one training step calls, together: what the noise costs per step. Eager draws the noise
+    once (torch.randn) for the network input and keeps it for the loss; the fused ops never store it, and
+    regenerate it in the loss from the seed the network input was made with."""
+    name = "perturb+loss"
+    doc = "perturb's and loss fwd+bwd's bytes"
+
+    def inputs(self, shape, dtype, device, g):
+        i = Loss().inputs(shape, dtype, device, g)
+        del i["n"]  # drawn in the timed call
+        return i
+
+    def nbytes(self, shape, dtype):
+        return Perturb().nbytes(shape, dtype) + Loss().nbytes(shape, dtype)
+
+    @staticmethod
+    def composite(F, y, sigma):
+        n = torch.randn_like(y, dtype=torch.float32)
+        net_in = (PRECOND.c_in(_col(sigma)) * (y.float() + _col(sigma) * n)).to(y.dtype)
+        return net_in, Loss.composite(F, y, sigma, n)
+
+    def eager(self, i, fn=None):
+        net_in, loss = (fn or self.composite)(i["F"], i["y"], i["sigma"])
+        loss.backward()
+        i["F"].grad = None
+        return net_in
+
+    def fused(self, i, backend):
+        net_in = ops.perturb(i["y"], i["sigma"], PRECOND, seed=i["seed"], backend=backend)
+        super().fused(i, backend)
+        return net_in
 
 
 class Churn(Op):
@@ -189,7 +231,8 @@ class Heun(Euler):
         return ops.heun_step(i["x"], i["d"], i["F"], i["t"], i["tn"], PRECOND, net_dtype=i["dtype"], backend=backend)
 
 
-OPS = {"perturb": Perturb(), "loss": Loss(), "churn": Churn(), "euler": Euler(), "heun": Heun()}
+OPS = {"perturb": Perturb(), "loss": Loss(), "perturb+loss": PerturbLoss(), "churn": Churn(), "euler": Euler(),
+       "heun": Heun()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,11 +316,7 @@ def main(argv=None):
                 rot = rotating(sets)
                 impls = [("eager", rot(op.eager))]
                 if not args.no_compile:
-                    if op_name == "loss":
-                        comp = torch.compile(Loss.composite, dynamic=False)
-                        impls.append(("compile", rot(lambda i, c=comp: op.eager(i, c))))
-                    else:
-                        impls.append(("compile", rot(torch.compile(op.eager, dynamic=False))))
+                    impls.append(("compile", rot(op.compiled())))
                 impls += [(b, rot(lambda i, b=b: op.fused(i, b))) for b in backends]
                 bufs = [(torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1),
                          torch.zeros(nbytes // 2, dtype=torch.uint8, device=device)) for _ in range(nsets)]

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
-    "ops_bandwidth.py": ["--sizes", "b64", "--dtypes", "fp32", "--ops", "perturb", "--no-compile", "--reps", "2"],
+    "ops_bandwidth.py": ["--sizes", "b64", "--dtypes", "fp32", "--ops", "perturb", "perturb+loss", "--no-compile",
+                         "--reps", "2"],
     "train_throughput.py": ["--steps", "1", "--warmup", "1", "--no-compile"],
     "sampler_speed.py": ["--speed-nfe", "3", "--nfe", "5", "--nfe-samples", "20", "--reps", "1"],
     "fdm_claims.py": ["--quick"],
