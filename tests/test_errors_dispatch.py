@@ -167,8 +167,8 @@ def test_negative_seeds_and_offsets_refused_as_ints_and_as_tensors(backend):
 
 @requires_triton_on_cpu
 def test_triton_ops_run_interpreted_under_a_torch_whose_wrap_triton_refuses_them(monkeypatch):
-    """torch 2.12 and older raise in ``wrap_triton`` for the interpreter's kernels (2.13 passes them
-    through): every Triton launch goes through ``triton_common.traceable``, which never hands them over."""
+    """torch 2.11 raises in ``wrap_triton`` for the interpreter's kernels (2.13 passes them through):
+    every Triton launch goes through ``triton_common.traceable``, which never hands them over."""
     import triton.runtime.interpreter as interp
 
     from fdm_fast.ops import triton_common

@@ -237,7 +237,7 @@ def traceable(kernel):
 
     Under Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU tests run the kernels) ``triton.jit``
     gives an ``InterpretedFunction``, which has nothing to trace; torch 2.13 returns such a kernel as it
-    is, while torch 2.12 and older raise ("wrap_triton only works on functions annotated with
+    is, while torch 2.11 (the H200's) raises ("wrap_triton only works on functions annotated with
     triton.jit"). Returning it unwrapped here gives every torch version 2.13's behaviour."""
     if InterpretedFunction is not None and isinstance(kernel, InterpretedFunction):
         return kernel
