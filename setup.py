@@ -50,6 +50,26 @@ def compiler_problem() -> str:
     return ""
 
 
+def cuda_problem(torch_cuda, nvcc) -> str:
+    """Why nvcc cannot build CUDA kernels for this torch, or '' when it can (or nvcc's version is unknown).
+
+    torch.utils.cpp_extension refuses a CUDA toolkit whose major version differs from the one torch was
+    built with (a pip torch for CUDA 12.4 with a system CUDA 13, say), and it does so before any
+    compile, so it is checked here and the build falls back to the CPU kernels instead of failing.
+    """
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except Exception:
+        return ""
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    if not m or not torch_cuda:
+        return ""
+    if int(m.group(1)) != int(str(torch_cuda).split(".")[0]):
+        return (f"nvcc ({nvcc}) is CUDA {m.group(1)}.{m.group(2)} but this torch was built for CUDA {torch_cuda}; "
+                f"set CUDA_HOME to a CUDA {str(torch_cuda).split('.')[0]}.x toolkit to build the CUDA kernels")
+    return ""
+
+
 def extension_build():
     """(ext_modules, cmdclass) for fdm_fast._C, or ([], {}) when it is skipped."""
     if _flag("FDM_FAST_NO_EXT"):
@@ -66,14 +86,19 @@ def extension_build():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/bindings.cpp", "csrc/module.cpp", "csrc/cpu/ops_cpu.cpp"]
     cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]  # at::parallel_for needs OpenMP
-    nvcc_found = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
-    with_cuda = not _flag("FDM_FAST_NO_CUDA") and torch.version.cuda is not None and bool(nvcc_found)
+    # the nvcc torch.utils.cpp_extension will run: CUDA_HOME's, else the one on PATH
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    nvcc_found = bool(nvcc) and os.path.exists(nvcc)
+    mismatch = cuda_problem(torch.version.cuda, nvcc) if nvcc_found and torch.version.cuda else ""
+    with_cuda = not _flag("FDM_FAST_NO_CUDA") and torch.version.cuda is not None and nvcc_found and not mismatch
     if _flag("FDM_FAST_NO_CUDA"):
         _say("FDM_FAST_NO_CUDA is set: building the CPU kernels only")
     elif torch.version.cuda is None:
         _say("this torch has no CUDA: building the CPU kernels only")
     elif not nvcc_found:
         _say("nvcc not found: building the CPU kernels only")
+    elif mismatch:
+        _say(f"WARNING: {mismatch}. Building the CPU kernels only")
     kwargs = dict(include_dirs=[os.path.join(here, "csrc", "include")])
     # libstdc++ linked as the shared library torch itself uses, even by a compiler (or wrapper) that links it
     # statically by default: with its own copy of the C++ exception runtime in fdm_fast._C, the H200 machine's
@@ -93,12 +118,14 @@ def extension_build():
     class OptionalBuildExt(BuildExtension):
         """A failed compile says so and leaves the pure-Python backends installed."""
 
-        def build_extension(self, ext):
+        # build_extensions, not build_extension: torch's own checks (the compiler, the CUDA version) run
+        # there, before any compile, and a failure in them must fall back the same way
+        def build_extensions(self):
             old = compiler_problem()
             if old:
                 _say(f"WARNING: {old}; the build below is expected to fail")
             try:
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as e:
                 why = f" (likely cause: {old})" if old else ""
                 if _flag("FDM_FAST_EXT_REQUIRED"):
@@ -109,5 +136,6 @@ def extension_build():
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-ext_modules, cmdclass = extension_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; tests import the helpers
+    ext_modules, cmdclass = extension_build()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

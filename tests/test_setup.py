@@ -1,0 +1,75 @@
+"""setup.py's fallbacks: a build that cannot make the extension (or its CUDA part) says why and installs the
+pure-Python backends, unless FDM_FAST_EXT_REQUIRED asks for an error."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    spec = importlib.util.spec_from_file_location("fdm_fast_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # __name__ is not "__main__": nothing is built
+    return mod
+
+
+def _nvcc(tmp_path, release):
+    p = tmp_path / "nvcc"
+    p.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                 f"echo 'Cuda compilation tools, release {release}, V{release}.48'\n")
+    p.chmod(0o755)
+    return str(p)
+
+
+def test_a_cuda_toolkit_of_another_major_version_is_named_and_skipped(setup_py, tmp_path):
+    # torch.utils.cpp_extension raises on this before compiling anything (seen with torch 2.6.0+cu124
+    # beside nvcc 13.0): the build must fall back to the CPU kernels, not fail the install
+    why = setup_py.cuda_problem("12.4", _nvcc(tmp_path, "13.0"))
+    assert "is CUDA 13.0 but this torch was built for CUDA 12.4" in why
+    assert "set CUDA_HOME to a CUDA 12.x toolkit" in why
+
+
+@pytest.mark.parametrize("torch_cuda,release", [("13.0", "13.0"), ("12.4", "12.8"), ("12.8", "12.4")])
+def test_the_same_major_cuda_version_builds(setup_py, tmp_path, torch_cuda, release):
+    # torch only warns about a minor-version difference, and such builds load
+    assert setup_py.cuda_problem(torch_cuda, _nvcc(tmp_path, release)) == ""
+
+
+def test_an_nvcc_that_cannot_say_its_version_is_left_to_torch(setup_py, tmp_path):
+    assert setup_py.cuda_problem("12.4", str(tmp_path / "missing-nvcc")) == ""
+    odd = tmp_path / "odd"
+    odd.write_text("#!/bin/sh\necho 'something else'\n")
+    odd.chmod(0o755)
+    assert setup_py.cuda_problem("12.4", str(odd)) == ""
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_failure_in_torchs_pre_build_checks_falls_back_unless_required(setup_py, monkeypatch, capsys, required):
+    """torch's BuildExtension checks the compiler and CUDA version in build_extensions, before the
+    per-extension build: a failure there takes the same path as a failed compile."""
+    pytest.importorskip("torch")
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("FDM_FAST_NO_CUDA", "1")
+    monkeypatch.setenv("FDM_FAST_EXT_REQUIRED", "1" if required else "0")
+    ext_modules, cmdclass = setup_py.extension_build()
+    assert [e.name for e in ext_modules] == ["fdm_fast._C"]
+
+    def refuse(self):
+        raise RuntimeError("The detected CUDA version (13.0) mismatches the version ... (12.4)")
+
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extensions", refuse)
+    cls = cmdclass["build_ext"]
+    cmd = cls.__new__(cls)  # only build_extensions is called: no distribution needed
+    if required:
+        with pytest.raises(RuntimeError, match=r"building fdm_fast._C failed: The detected CUDA version"):
+            cmd.build_extensions()
+    else:
+        cmd.build_extensions()
+        err = capsys.readouterr().err
+        assert "WARNING: building fdm_fast._C failed (RuntimeError: The detected CUDA version" in err
+        assert "the torch and triton backends still work" in err
