@@ -4,6 +4,8 @@ CPU kernels (FDM_FAST_CPU_ISA)."""
 
 import math
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +158,70 @@ def test_lower_cpu_builds_pass_the_cpu_kernel_tests(isa):
     tail = r.stdout[-3000:]
     assert r.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail, tail
+
+
+# Every compiled op on fixed inputs (read from argv[1]), outputs to argv[2]: run natively with
+# FDM_FAST_CPU_ISA capped, and on an emulated CPU that lacks the wider instructions.
+_EVERY_OP = r"""
+import sys, torch
+from fdm_fast import ops
+from fdm_fast.ops import extension
+I = torch.load(sys.argv[1])
+x, F, y, s = I["x"], I["F"], I["y"], I["s"]
+cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+O = {}
+O["randn"] = ops.randn((3, 3, 17, 19), seed=2**40 + 5, offset=2**32 - 7, backend="cpu")
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for name, yy in (("", y), ("_cl", cl(y)), ("_strided", y[:, :, ::2, 1::2])):
+        O[f"perturb_{dt}{name}"] = ops.perturb(yy.to(dt), s, "fdm_edm", seed=3, offset=5, backend="cpu")
+        Fg = F.to(dt)[:, :, : yy.shape[2], : yy.shape[3]].clone().requires_grad_(True)
+        loss = ops.denoise_loss(Fg, yy.to(dt), s, "fdm_vp", seed=9, clamp=20.0, reduction="none", backend="cpu")
+        loss.backward(torch.linspace(0.5, 1.5, len(s)))
+        O[f"loss_{dt}{name}"], O[f"dF_{dt}{name}"] = loss.detach(), Fg.grad
+    O[f"euler_{dt}"] = ops.euler_step(x, F.to(dt), s + 0.5, s, "edm", net_dtype=dt, backend="cpu")
+    xe, d, _ = O[f"euler_{dt}"]
+    O[f"heun_{dt}"] = ops.heun_step(x, d, F.to(dt), s + 0.5, s, "fdm_edm", t_hat_next=s * 1.1, seed=4,
+                                    net_dtype=dt, backend="cpu")
+    O[f"churn_{dt}"] = ops.churn(cl(x), s, s * 1.2, "fdm_edm", seed=7, net_dtype=dt, backend="cpu")
+    O[f"multistep_{dt}"] = ops.multistep(x, F.to(dt), c_skip=0.3, c_out=s, a=0.9, b=0.1, history=[y, F],
+                                         h=[0.2, -0.1], G=F.to(dt) * 0.5, w_G=1.5, noise_scale=0.05, seed=11,
+                                         c_in_next=0.7, keep=(1.0, -1.0), net_dtype=dt, backend="cpu")
+torch.save(O, sys.argv[2])
+print(extension.cpu_isa())
+"""
+
+QEMU = shutil.which("qemu-x86_64")
+
+
+@pytest.mark.slow
+@real_cpu_build
+@pytest.mark.skipif(not QEMU or platform.machine() != "x86_64",
+                    reason="needs qemu-user (qemu-x86_64) on x86_64: .ci/run installs it where apt-get can")
+@pytest.mark.parametrize("model,isa", [("Haswell", "avx2"), ("SandyBridge", "base")])
+def test_a_cpu_without_avx512_or_avx2_picks_its_build_and_runs_no_wider_instruction(model, isa, tmp_path):
+    """On a CPU that really lacks the wider instructions (qemu's Haswell: AVX2 and FMA, no AVX-512;
+    its Sandy Bridge: AVX, no AVX2 or FMA) the extension picks its build from CPUID alone (no cap set),
+    and runs every op, dtype and layout without an instruction that CPU lacks: qemu stops the process
+    on one (SIGILL). The outputs are bit for bit those of this machine with FDM_FAST_CPU_ISA capped to
+    the same build, so the emulated run is the code the cap tests."""
+    if isa not in _isas_here():
+        pytest.skip(f"this CPU cannot run the {isa} build natively to compare against")
+    g = torch.Generator().manual_seed(0)
+    inputs = {"x": torch.randn(4, 3, 16, 18, generator=g) * 3, "F": torch.randn(4, 3, 16, 18, generator=g),
+              "y": torch.randn(4, 3, 16, 18, generator=g), "s": torch.rand(4, generator=g) * 5 + 0.05}
+    torch.save(inputs, tmp_path / "in.pt")
+    env = {k: v for k, v in os.environ.items() if k != "FDM_FAST_CPU_ISA"}
+    emulated = subprocess.run([QEMU, "-cpu", model, sys.executable, "-c", _EVERY_OP, str(tmp_path / "in.pt"),
+                               str(tmp_path / "emulated.pt")], env=env, capture_output=True, text=True, timeout=900)
+    assert emulated.returncode == 0, emulated.stderr[-3000:]
+    assert emulated.stdout.split()[-1] == isa  # detected, not capped
+    native = _run_isa(isa, _EVERY_OP, str(tmp_path / "in.pt"), str(tmp_path / "native.pt"))
+    assert native.returncode == 0, native.stderr[-3000:]
+    got, want = torch.load(tmp_path / "emulated.pt"), torch.load(tmp_path / "native.pt")
+    assert got.keys() == want.keys() and len(got) == 40
+    for k in want:
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got[k], want[k]))):
+            assert (a is None and b is None) or torch.equal(a, b), k
 
 
 @real_cpu_build
