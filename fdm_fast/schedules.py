@@ -15,8 +15,8 @@ and is trained with the weight ``lambda(sigma) = loss_weight(sigma)`` on ``|D(y 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from dataclasses import dataclass, replace
+from typing import ClassVar, Optional, Union
 
 import torch
 
@@ -73,7 +73,9 @@ class Precond:
     fdm_beta_min: float = 0.1
     fdm_beta_d: float = 19.9
 
-    kind: int = field(default=-1, init=False, repr=False)
+    # which formulas the kernels use; a class constant, not a field (torch 2.6's dynamo rebuilds a
+    # frozen dataclass passed to an autograd.Function from all its fields, init=False ones included)
+    kind: ClassVar[int] = -1
 
     # -- per-preconditioning pieces, overridden below --------------------------------------------
     def c_skip(self, sigma: Sigma) -> torch.Tensor:
@@ -151,7 +153,7 @@ class VPPrecond(Precond):
     epsilon_t: float = 1e-5
     sigma_min: float = float(vp_sigma(1e-5).item())
     sigma_max: float = float(vp_sigma(1.0).item())
-    kind: int = field(default=KIND_VP, init=False, repr=False)
+    kind: ClassVar[int] = KIND_VP
 
     def c_skip(self, sigma):
         return torch.ones_like(_t(sigma))
@@ -187,7 +189,7 @@ class VEPrecond(Precond):
     name: str = "ve"
     sigma_min: float = 0.02
     sigma_max: float = 100.0
-    kind: int = field(default=KIND_VE, init=False, repr=False)
+    kind: ClassVar[int] = KIND_VE
 
     def c_skip(self, sigma):
         return torch.ones_like(_t(sigma))
@@ -222,7 +224,7 @@ class EDMPrecond(Precond):
     P_std: float = 1.2
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    kind: int = field(default=KIND_EDM, init=False, repr=False)
+    kind: ClassVar[int] = KIND_EDM
 
     def c_skip(self, sigma):
         sigma = _t(sigma)

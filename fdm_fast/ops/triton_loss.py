@@ -8,9 +8,7 @@ The noise is regenerated from (seed, offset) in both passes instead of being sto
 writes one partial sum; the [B, programs] partials are summed on the host (deterministic, no atomics).
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -76,7 +74,7 @@ def _launch_args(F, y, sigma, rng, noise, clamp, params):
 
 @triton_op("fdm_fast_triton::loss_fwd", mutates_args=())
 def loss_fwd(F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor, noise: Optional[torch.Tensor],
-             clamp: torch.Tensor, kind: int, fdm: bool, params: list[float]) -> torch.Tensor:
+             clamp: torch.Tensor, kind: int, fdm: bool, params: List[float]) -> torch.Tensor:
     L, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
     partial = tc.empty((L.B, L.nprog), torch.float32, F.device)
     tc.traceable(_loss_fwd_kernel)[L.grid](*tensors, partial, *scalars, KIND=kind, FDM=fdm,
@@ -87,7 +85,7 @@ def loss_fwd(F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.T
 @triton_op("fdm_fast_triton::loss_bwd", mutates_args=())
 def loss_bwd(grad: torch.Tensor, F: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor,
              noise: Optional[torch.Tensor], clamp: torch.Tensor, kind: int, fdm: bool,
-             params: list[float]) -> torch.Tensor:
+             params: List[float]) -> torch.Tensor:
     L, tensors, scalars = _launch_args(F, y, sigma, rng, noise, clamp, params)
     dF = tc.empty_like_layout(F, F.dtype)
     tc.traceable(_loss_bwd_kernel)[L.grid](grad.float().contiguous(), *tensors, dF, *scalars, KIND=kind, FDM=fdm,

@@ -4,9 +4,7 @@ perturb:  x = y + sigma n,  net_in = c_in(sigma) x   (n regenerated from (seed, 
 randn:    n under the noise contract
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -47,8 +45,8 @@ def _randn_kernel(out_ptr, rng_ptr, P, HW, C, NPROG, IDX_PER_SAMPLE, RNG_STRIDE,
 
 @triton_op("fdm_fast_triton::perturb", mutates_args=())
 def perturb(y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor, noise: Optional[torch.Tensor],
-            kind: int, fdm: bool, params: list[float], out_dtype: torch.dtype,
-            write_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            kind: int, fdm: bool, params: List[float], out_dtype: torch.dtype,
+            write_x: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     L = tc.Launch(y, rng)
     net_in = tc.empty_like_layout(y, out_dtype)
     x = tc.empty_like_layout(y, torch.float32) if write_x else y.new_empty(0, dtype=torch.float32)
@@ -61,7 +59,7 @@ def perturb(y: torch.Tensor, sigma: torch.Tensor, rng: torch.Tensor, noise: Opti
 
 
 @triton_op("fdm_fast_triton::randn", mutates_args=())
-def randn(shape: list[int], rng: torch.Tensor) -> torch.Tensor:
+def randn(shape: List[int], rng: torch.Tensor) -> torch.Tensor:
     out = tc.empty(shape, torch.float32, rng.device)
     # per-sample rows: B samples; one shared row: the whole tensor is one logical sample
     flat = out.view(shape[0], -1) if rng.shape[0] > 1 else out.view(1, -1)

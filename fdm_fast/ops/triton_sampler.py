@@ -12,9 +12,7 @@ Sampler state (x, d) is float32; F and net_in are in the network's dtype. Per-sa
 are tensors of shape [B] or [1]; a step reads each element a handful of times instead of dozens.
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -110,8 +108,8 @@ def _spec_args(params):
 
 @triton_op("fdm_fast_triton::churn", mutates_args=())
 def churn(x: torch.Tensor, t_cur: torch.Tensor, t_hat: Optional[torch.Tensor], rng: torch.Tensor,
-          noise: Optional[torch.Tensor], S_noise: float, kind: int, fdm: bool, params: list[float],
-          net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+          noise: Optional[torch.Tensor], S_noise: float, kind: int, fdm: bool, params: List[float],
+          net_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """``t_hat=None``: no noise at all (t_hat = t_cur), only the net input; rng is not read."""
     L = tc.Launch(x, rng)
     x_hat = tc.empty_like_layout(x, torch.float32)
@@ -126,8 +124,8 @@ def churn(x: torch.Tensor, t_cur: torch.Tensor, t_hat: Optional[torch.Tensor], r
 
 @triton_op("fdm_fast_triton::euler_step", mutates_args=())
 def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, kind: int, fdm: bool,
-               params: list[float], net_dtype: torch.dtype, write_x: bool,
-               write_d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               params: List[float], net_dtype: torch.dtype, write_x: bool,
+               write_d: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs the caller does not want (``write_x`` / ``write_d`` False) come back empty, unwritten."""
     L = tc.Launch(x)
     x_next = tc.empty_like_layout(x, torch.float32) if write_x else x.new_empty(0)
@@ -142,8 +140,8 @@ def euler_step(x: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: to
 @triton_op("fdm_fast_triton::heun_step", mutates_args=())
 def heun_step(x: torch.Tensor, d: torch.Tensor, F: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor,
               t_hat_next: Optional[torch.Tensor], rng: torch.Tensor, noise: Optional[torch.Tensor], S_noise: float,
-              kind: int, fdm: bool, params: list[float],
-              net_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+              kind: int, fdm: bool, params: List[float],
+              net_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     L = tc.Launch(x, rng)
     x_next = tc.empty_like_layout(x, torch.float32)
     net_in = tc.empty_like_layout(x, net_dtype)
@@ -196,10 +194,10 @@ def _multistep_kernel(x_ptr, F_ptr, G_ptr, H0_ptr, H1_ptr, H2_ptr, H3_ptr, coef_
 
 
 @triton_op("fdm_fast_triton::multistep", mutates_args=())
-def multistep(x: torch.Tensor, F: Optional[torch.Tensor], G: Optional[torch.Tensor], history: list[torch.Tensor],
+def multistep(x: torch.Tensor, F: Optional[torch.Tensor], G: Optional[torch.Tensor], history: List[torch.Tensor],
               coef: torch.Tensor, rng: torch.Tensor, noise: Optional[torch.Tensor], draws: bool,
               net_dtype: torch.dtype, write_net: bool,
-              write_keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              write_keep: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference.multistep in one pass; outputs not asked for come back empty, unwritten. ``draws``:
     add the noise column's term (from ``noise`` when given, else from ``rng``)."""
     K = len(history)
