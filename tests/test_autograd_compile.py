@@ -86,6 +86,14 @@ def _check_compiled(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+# The torch backend regenerates the noise with Philox in torch ops inside the loss's autograd.Function:
+# a joint graph of hundreds of integer ops. torch 2.6's min-cut partitioner did not finish it in 30 min
+# (2026-11-30, 2-core CPU, torch 2.6.0 + Triton 3.2.0); torch 2.7.1 compiles it in 25 s. The fused
+# backends are custom ops, opaque to the partitioner, and are compiled on every version.
+@pytest.mark.skipif(_TORCH < (2, 7), reason="torch 2.6's partitioner takes > 30 min on the torch backend's graph")
 def test_torch_compile_fullgraph_torch_backend():
     _check_compiled("torch", torch.device("cpu"))
 

@@ -83,7 +83,8 @@ def _forget_compiled_kernels():
     for mod in (triton_loss, triton_perturb, triton_sampler):
         for obj in vars(mod).values():
             if isinstance(obj, JITFunction):
-                obj.device_caches.clear()
+                # Triton >= 3.3: device_caches; Triton 3.2 (torch 2.6's): cache, {device: {key: kernel}}
+                (obj.device_caches if hasattr(obj, "device_caches") else obj.cache).clear()
 
 
 def _allow_triton_on_cpu_tensors():
@@ -189,8 +190,12 @@ def _loss(ops, F, y, sigma, pre, **kw):
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers, spill bytes and shared memory from ``ptxas -v`` on the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(arch).path if get_ptxas.__code__.co_argcount else get_ptxas().path
+    from triton.backends.nvidia import compiler
+    if hasattr(compiler, "get_ptxas"):  # Triton >= 3.3
+        get_ptxas = compiler.get_ptxas
+        ptxas = get_ptxas(arch).path if get_ptxas.__code__.co_argcount else get_ptxas().path
+    else:  # Triton 3.2 (torch 2.6's)
+        ptxas = compiler._path_to_binary("ptxas")[0]
     gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)  # sm_90a for Hopper
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
