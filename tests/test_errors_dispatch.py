@@ -196,3 +196,31 @@ def test_triton_ops_run_interpreted_under_a_torch_whose_wrap_triton_refuses_them
         triton_common.wrap_triton(triton_common.randn4)
     for got, want in zip(every_op(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+
+def test_triton_op_signatures_are_ones_torch_2_6_can_read():
+    """torch.library infers each Triton op's schema from its annotations. torch 2.6 (pyproject's floor)
+    rejects builtin generics (list[float]) and evaluates string annotations (from __future__ import
+    annotations) in its own namespace, where Tuple is undefined: either made the whole triton backend
+    fail to load there, while torch 2.13 accepts both. triton_op keeps no handle on the function it
+    wraps, so the sources are read."""
+    import ast
+    from pathlib import Path
+
+    import fdm_fast.ops
+
+    found = 0
+    for name in ("triton_loss", "triton_perturb", "triton_sampler"):
+        tree = ast.parse((Path(fdm_fast.ops.__file__).parent / f"{name}.py").read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+                assert "annotations" not in [a.name for a in node.names], f"{name}: from __future__ import annotations"
+            if isinstance(node, ast.FunctionDef) and any("triton_op" in ast.unparse(d) for d in node.decorator_list):
+                found += 1
+                anns = [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation] + [node.returns]
+                for sub in (n for a in anns if a is not None for n in ast.walk(a)):
+                    if isinstance(sub, ast.Subscript) and isinstance(sub.value, ast.Name):
+                        assert sub.value.id not in ("list", "tuple", "dict"), \
+                            f"{name}.{node.name}: {ast.unparse(sub)} (use typing.{sub.value.id.title()})"
+    assert found == 8
