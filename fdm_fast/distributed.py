@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -19,3 +20,19 @@ def init_distributed():
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def shutdown_distributed(settle_s: float = 0.1) -> None:
+    """Destroy the default process group, if there is one.
+
+    With gloo, first sleep ``settle_s`` (which releases the GIL). Before torch 2.8 the Gloo process
+    group's destructor kept the GIL while it joined its worker threads, and a worker that still had to
+    drop the last reference to a finished collective's tensor needed the GIL to do it: the process hung
+    at exit, after training had finished (pytorch/pytorch#154976). Under torch 2.6 on a 2-core CPU,
+    2 of 4 two-rank runs hung there; the sleep gives the workers the time to finish first.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    if torch.distributed.get_backend() == "gloo" and settle_s > 0:
+        time.sleep(settle_s)
+    torch.distributed.destroy_process_group()

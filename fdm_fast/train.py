@@ -31,7 +31,7 @@ from .data import DatasetError, open_dataset
 from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe, to_device
 from .data.order import GlobalOrder
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
-from .distributed import init_distributed
+from .distributed import init_distributed, shutdown_distributed
 from .images import save_grid
 from .metrics import MetricError
 from .metrics.evaluate import METRICS, SampleEvaluator, check_metric
@@ -723,8 +723,7 @@ def _main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_distributed()
     if rank == 0:
         print(f"done: checkpoints, snapshots and sample grids in {o.outdir}")
     return 0

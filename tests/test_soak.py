@@ -19,12 +19,13 @@ from fdm_fast import snapshots
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import sys, torch
+from fdm_fast.distributed import shutdown_distributed
 from fdm_fast.train import init_distributed, parse_args, resolve, training_loop
 o = resolve(parse_args(sys.argv[1:]))
 o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.channel_mult = (1, 2)
 rank, world, device = init_distributed()
 training_loop(o, rank=rank, world=world, device=device, quiet=True)
-if world > 1: torch.distributed.destroy_process_group()
+shutdown_distributed()  # as train.main does
 """
 
 
@@ -47,13 +48,28 @@ def _final_weights(outdir):
     return state["net"]
 
 
+def _wait_or_kill_group(p, timeout):
+    """Wait for a run; on timeout kill its whole process group, torchrun's workers included (killing
+    torchrun alone left them running, orphaned, after a hang)."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, ranks):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     ref_dir, soak_dir = tmp_path / "ref", tmp_path / "soak"
     t0 = time.time()
-    subprocess.run(_cmd(tmp_path, ranks, ref_dir), env=env, check=True, capture_output=True, timeout=300)
+    with open(tmp_path / "ref.err", "wb") as err:  # a file, not a pipe nobody reads while it runs
+        ref = subprocess.Popen(_cmd(tmp_path, ranks, ref_dir), env=env, stdout=subprocess.DEVNULL, stderr=err,
+                               start_new_session=True)
+        _wait_or_kill_group(ref, 300)
+    assert ref.returncode == 0, (tmp_path / "ref.err").read_text()[-3000:]
     whole = time.time() - t0
     rng = random.Random(f"soak-{ranks}-{os.environ.get('FDM_FAST_SOAK_SEED', '0')}")  # another seed: other kill points
     kills, max_kills, t_end = 0, 5, time.time() + 300
@@ -77,7 +93,7 @@ def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, rank
                 p.wait()
                 kills += 1
                 continue
-        p.wait(timeout=300)
+        _wait_or_kill_group(p, 300)
         err = p.stderr.read().decode()
         assert p.returncode == 0, err[-3000:]
         break
