@@ -132,6 +132,8 @@ def extension_build():
                     raise RuntimeError(f"building {ext.name} failed{why}: {e}") from e
                 _say(f"WARNING: building {ext.name} failed{why} ({type(e).__name__}: {e}); the torch and triton "
                      "backends still work, the cpu/cuda backends are unavailable")
+                # nothing was built: the in-place/editable copy of the .so and the install list must skip it
+                self.extensions = []
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 

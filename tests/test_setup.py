@@ -65,6 +65,7 @@ def test_a_failure_in_torchs_pre_build_checks_falls_back_unless_required(setup_p
     monkeypatch.setattr(cpp_extension.BuildExtension, "build_extensions", refuse)
     cls = cmdclass["build_ext"]
     cmd = cls.__new__(cls)  # only build_extensions is called: no distribution needed
+    cmd.extensions = list(ext_modules)
     if required:
         with pytest.raises(RuntimeError, match=r"building fdm_fast._C failed: The detected CUDA version"):
             cmd.build_extensions()
@@ -73,3 +74,6 @@ def test_a_failure_in_torchs_pre_build_checks_falls_back_unless_required(setup_p
         err = capsys.readouterr().err
         assert "WARNING: building fdm_fast._C failed (RuntimeError: The detected CUDA version" in err
         assert "the torch and triton backends still work" in err
+        # nothing was built, so an in-place or editable install must not try to copy the .so
+        # (it failed with "can't copy ... _C...so: doesn't exist" before)
+        assert cmd.extensions == []
