@@ -25,7 +25,7 @@ import torch
 from . import ops
 from . import solvers
 from .sampling import GraphedSampler, edm_sampler
-from .distributed import init_distributed
+from .distributed import init_distributed, shutdown_distributed
 from .images import save_grid
 from .snapshots import SnapshotError, load_snapshot
 
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
             save_grid(images, args.grid)
     if world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()
     if rank == 0:
         n = solvers.nfe(args.solver, args.steps)
         guided = "" if args.guidance == 1 and guide is None else \

@@ -217,6 +217,7 @@ def _torchrun(tmp_path, data, n, name, *flags, steps=10):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
+        "from fdm_fast.distributed import shutdown_distributed\n"
         "from fdm_fast.train import init_distributed, parse_args, resolve, training_loop\n"
         "out, flags = sys.argv[1], sys.argv[2:]\n"
         f"o = resolve(parse_args(['--ds', {data!r}, '--precision', 'fp32', '--no-compile', '--kimg', '100', "
@@ -225,7 +226,7 @@ def _torchrun(tmp_path, data, n, name, *flags, steps=10):
         "rank, world, device = init_distributed()\n"
         f"res = training_loop(o, rank=rank, world=world, device=device, quiet=True, stop_after_steps={steps})\n"
         "if rank == 0: torch.save(res['net'].state_dict(), out + '/final.pt')\n"
-        "if world > 1: torch.distributed.destroy_process_group()\n")
+        "shutdown_distributed()\n")  # as train.main does (a bare destroy can hang at exit on torch 2.6)
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     out = tmp_path / name
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
