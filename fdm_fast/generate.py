@@ -172,7 +172,7 @@ def main(argv=None) -> int:
 
     kw = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
               S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
-              heun=args.sampler == "heun", device=device,
+              heun=args.solver == "heun", device=device,
               net_dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
     if args.compile if args.compile is not None else device.type == "cuda":
         net.model = torch.compile(net.model)

@@ -98,6 +98,38 @@ def test_generate_cli_same_images_for_any_batching(tmp_path):
     assert main(["--network", str(tmp_path / "missing.pt"), "--grid", "x.png"]) == 2
 
 
+def test_generate_samples_with_the_solver_it_names(tmp_path, capsys):
+    """The default, --solver heun and the old --sampler heun run EDM's Heun (NFE 2N - 1); --solver euler
+    runs Euler: each equal to edm_sampler called directly. (generate once ran Euler for all but the old
+    --sampler heun, while printing Heun's NFE.)"""
+    import numpy as np
+    from PIL import Image
+
+    from fdm_fast.generate import main
+    from fdm_fast.nn import build_denoiser
+    from fdm_fast.snapshots import load_snapshot
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
+               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
+    torch.manual_seed(0)
+    snap = tmp_path / "snap.pt"
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    net = load_snapshot(str(snap), "cpu")
+    want = {}
+    for heun in (True, False):
+        x = edm_sampler(net, [0, 1, 2], num_steps=4, heun=heun, device="cpu")
+        want[heun] = (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)[:, 0].numpy().astype(int)
+    assert np.abs(want[True] - want[False]).max() > 8  # the two solvers are told apart
+    for extra, heun, nfe in [([], True, 7), (["--solver", "heun"], True, 7), (["--sampler", "heun"], True, 7),
+                             (["--solver", "euler"], False, 4), (["--sampler", "euler"], False, 4)]:
+        out = tmp_path / ("-".join(extra) or "default")
+        assert main(["--network", str(snap), "--seeds", "0-2", "--steps", "4", "--outdir", str(out), *extra]) == 0
+        assert f"NFE {nfe})" in capsys.readouterr().out, extra
+        for s in range(3):
+            got = np.asarray(Image.open(out / f"000000/{s:06d}.png")).astype(int)
+            assert np.abs(got - want[heun][s]).max() <= 1, (extra, s)
+
+
 def reference_dpmpp_2m(gmm, seeds, num_steps):
     """DPM-Solver++(2M) written independently, in float64 (k-diffusion's form in sigma)."""
     p = gmm.precond
