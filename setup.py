@@ -19,6 +19,7 @@ target attributes); an older one is named in the build's message.
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,17 +36,24 @@ def _say(msg):
 
 
 def compiler_problem() -> str:
-    """Why the C++ compiler is too old for csrc/ (GCC < 11, Clang < 14), or '' when it is fine or unknown."""
+    """Why the C++ compiler is too old for csrc/ (GCC < 11, Clang < 14), or '' when it is fine or unknown.
+
+    The compiler's own preprocessor says what it is (__clang_major__, else __GNUC__): a --version line
+    is not that reliable (coreutils' programs also name the Free Software Foundation there).
+    """
     cxx = os.environ.get("CXX", "c++")
     try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        r = subprocess.run([*shlex.split(cxx), "-E", "-P", "-x", "c++", "-"], input="fdm_clang __clang_major__\n"
+                           "fdm_gcc __GNUC__\n", capture_output=True, text=True, timeout=60)
     except Exception:
         return ""
-    m = re.search(r"clang version (\d+)", out)
+    if r.returncode != 0:
+        return ""  # not a compiler this can ask; the build's own error will say more
+    m = re.search(r"^fdm_clang (\d+)", r.stdout, re.M)
     if m:
         return f"{cxx} is Clang {m.group(1)}; the CPU kernels need Clang >= 14" if int(m.group(1)) < 14 else ""
-    m = re.search(r"(\d+)\.\d+(?:\.\d+)?\s*$", out.splitlines()[0] if out else "")
-    if "Free Software Foundation" in out and m and int(m.group(1)) < 11:
+    m = re.search(r"^fdm_gcc (\d+)", r.stdout, re.M)
+    if m and int(m.group(1)) < 11:
         return f"{cxx} is GCC {m.group(1)}; the CPU kernels need GCC >= 11 (set CXX to a newer compiler)"
     return ""
 

@@ -2,6 +2,8 @@
 pure-Python backends, unless FDM_FAST_EXT_REQUIRED asks for an error."""
 
 import importlib.util
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,31 @@ def test_a_failure_in_torchs_pre_build_checks_falls_back_unless_required(setup_p
         # nothing was built, so an in-place or editable install must not try to copy the .so
         # (it failed with "can't copy ... _C...so: doesn't exist" before)
         assert cmd.extensions == []
+
+
+def _fake_cxx(tmp_path, name, script):
+    p = tmp_path / name
+    p.write_text("#!/bin/sh\n" + script)
+    p.chmod(0o755)
+    return str(p)
+
+
+def test_the_compiler_check_asks_the_compilers_preprocessor(setup_py, tmp_path, monkeypatch):
+    # a program that prints like coreutils (it names the Free Software Foundation) is no GCC 9
+    coreutils = _fake_cxx(tmp_path, "false", "echo 'false (GNU coreutils) 9.1'; echo 'Copyright (C) 2022 Free "
+                          "Software Foundation, Inc.'; exit 1\n")
+    # the compilers' preprocessors expand the probe's macros: old ones are named
+    gcc9 = _fake_cxx(tmp_path, "g++-9", "cat > /dev/null; echo 'fdm_clang __clang_major__'; echo 'fdm_gcc 9'\n")
+    clang12 = _fake_cxx(tmp_path, "clang++-12", "cat > /dev/null; echo 'fdm_clang 12'; echo 'fdm_gcc 4'\n")
+    clang17 = _fake_cxx(tmp_path, "clang++-17", "cat > /dev/null; echo 'fdm_clang 17'; echo 'fdm_gcc 4'\n")
+    for cxx, want in [(coreutils, ""), (gcc9, "is GCC 9; the CPU kernels need GCC >= 11"),
+                      (clang12, "is Clang 12; the CPU kernels need Clang >= 14"), (clang17, ""),
+                      (str(tmp_path / "missing"), "")]:
+        monkeypatch.setenv("CXX", cxx)
+        got = setup_py.compiler_problem()
+        assert (want in got) if want else got == "", (cxx, got)
+    gxx = shutil.which("g++")
+    if gxx:  # the real thing: this machine's GCC answers, and the answer agrees with its version
+        monkeypatch.setenv("CXX", gxx)
+        major = int(subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True).stdout.split(".")[0])
+        assert (setup_py.compiler_problem() == "") == (major >= 11)
