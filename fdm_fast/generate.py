@@ -130,6 +130,17 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.network):
         print(f"error: --network {args.network}: no such file", file=sys.stderr)
         return 2
+    ours = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
+    init_distributed()
+    try:
+        return _generate(args, seeds, fused_edm)
+    finally:  # on every rank, errors included (a process group left to the interpreter's exit can hang there)
+        if ours:
+            shutdown_distributed()
+
+
+def _generate(args, seeds: list, fused_edm: bool) -> int:
+    """main's work once the arguments are checked and the process group (if any) is up."""
     rank, world, device = init_distributed()
     # value checks read tensors: a sync per op call on a GPU, so they stay on only for the CPU
     ops.set_value_checks(device.type == "cpu")
@@ -221,7 +232,6 @@ def main(argv=None) -> int:
             save_grid(images, args.grid)
     if world > 1:
         torch.distributed.barrier()
-        shutdown_distributed()
     if rank == 0:
         n = solvers.nfe(args.solver, args.steps)
         guided = "" if args.guidance == 1 and guide is None else \

@@ -47,6 +47,25 @@ def _has_cpu_ext():
 
 HAS_CPU_EXT = _has_cpu_ext()
 
+def run_group(cmd, timeout, **kw):
+    """subprocess.run(cmd, capture_output=True, text=True) in a session of its own; past ``timeout``
+    seconds the whole process group is killed (torchrun's workers too: killing torchrun alone leaves
+    them running, orphaned) and the test fails with the tail of stderr, instead of hanging the suite."""
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))[:300]}: still running after {timeout} s, killed; stderr tail:\n"
+                    f"{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; this machine has none")
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 # tests that hand CPU tensors to the triton backend: only the interpreter runs them (set above without a

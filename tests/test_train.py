@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_group
 from fdm_fast import schedules
 from fdm_fast.loss import fdm_clamp, noise_rng, sample_uniforms, training_loss, training_loss_composite
 from fdm_fast.nn import build_denoiser, count_parameters, song_unet
@@ -229,8 +230,8 @@ def _torchrun(tmp_path, data, n, name, *flags, steps=10):
         "shutdown_distributed()\n")  # as train.main does (a bare destroy can hang at exit on torch 2.6)
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     out = tmp_path / name
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        str(script), str(out), *flags], env=env, capture_output=True, text=True)
+    r = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   str(script), str(out), *flags], 600, env=env)  # ~10-40 s each here; 600 s is a hang
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out / "final.pt")
 
