@@ -93,7 +93,9 @@ def extension_build():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/bindings.cpp", "csrc/module.cpp", "csrc/cpu/ops_cpu.cpp"]
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]  # at::parallel_for needs OpenMP
+    # at::parallel_for needs OpenMP. No -std: torch.utils.cpp_extension adds the standard its own headers
+    # need (C++17 up to torch 2.9, C++20 in 2.13; torch 2.14's ATen.h refuses anything older than C++20).
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
     # the nvcc torch.utils.cpp_extension will run: CUDA_HOME's, else the one on PATH
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     nvcc_found = bool(nvcc) and os.path.exists(nvcc)
@@ -118,7 +120,7 @@ def extension_build():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         _say(f"building the CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension("fdm_fast._C", sources + ["csrc/cuda/ops_cuda.cu"], define_macros=[("FDM_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
                             extra_link_args=link, **kwargs)
     else:
         ext = CppExtension("fdm_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, **kwargs)
