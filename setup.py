@@ -78,6 +78,19 @@ def cuda_problem(torch_cuda, nvcc) -> str:
     return ""
 
 
+def cuda_headers_problem(cuda_home) -> str:
+    """Why CUDA_HOME cannot compile CUDA kernels (no include/cuda_runtime.h), or '' when it can.
+
+    torch.utils.cpp_extension takes CUDA_HOME from the nvcc on PATH when the variable is unset: a
+    wrapper script in /usr/local/bin gives CUDA_HOME=/usr/local, and every compile then fails on
+    cuda_runtime.h (seen here), the CPU kernels' included.
+    """
+    if cuda_home and not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+        return (f"CUDA_HOME={cuda_home} has no include/cuda_runtime.h; set CUDA_HOME to the CUDA toolkit "
+                "(the folder with bin/nvcc and include/, e.g. /usr/local/cuda) to build the CUDA kernels")
+    return ""
+
+
 def extension_build():
     """(ext_modules, cmdclass) for fdm_fast._C, or ([], {}) when it is skipped."""
     if _flag("FDM_FAST_NO_EXT"):
@@ -99,7 +112,8 @@ def extension_build():
     # the nvcc torch.utils.cpp_extension will run: CUDA_HOME's, else the one on PATH
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     nvcc_found = bool(nvcc) and os.path.exists(nvcc)
-    mismatch = cuda_problem(torch.version.cuda, nvcc) if nvcc_found and torch.version.cuda else ""
+    mismatch = (cuda_problem(torch.version.cuda, nvcc) or cuda_headers_problem(CUDA_HOME)) \
+        if nvcc_found and torch.version.cuda else ""
     with_cuda = not _flag("FDM_FAST_NO_CUDA") and torch.version.cuda is not None and nvcc_found and not mismatch
     if _flag("FDM_FAST_NO_CUDA"):
         _say("FDM_FAST_NO_CUDA is set: building the CPU kernels only")

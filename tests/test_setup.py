@@ -49,6 +49,16 @@ def test_an_nvcc_that_cannot_say_its_version_is_left_to_torch(setup_py, tmp_path
     assert setup_py.cuda_problem("12.4", str(odd)) == ""
 
 
+
+def test_a_cuda_home_without_headers_is_named_and_skipped(setup_py, tmp_path):
+    # torch derives CUDA_HOME=/usr/local from a /usr/local/bin/nvcc wrapper script: no headers there
+    why = setup_py.cuda_headers_problem(str(tmp_path))
+    assert f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h; set CUDA_HOME to the CUDA toolkit" in why
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert setup_py.cuda_headers_problem(str(tmp_path)) == ""
+    assert setup_py.cuda_headers_problem(None) == ""
+
 @pytest.mark.parametrize("required", [False, True])
 def test_a_failure_in_torchs_pre_build_checks_falls_back_unless_required(setup_py, monkeypatch, capsys, required):
     """torch's BuildExtension checks the compiler and CUDA version in build_extensions, before the
