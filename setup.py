@@ -2,7 +2,8 @@
 
 fdm_fast._C holds the `cpu` and `cuda` backends (csrc/). It is built with torch.utils.cpp_extension
 and ninja: the CPU kernels whenever a C++ compiler exists, the CUDA kernels when the installed torch
-has CUDA and nvcc is found. A failed build prints why and leaves the torch and triton backends working.
+has CUDA and nvcc is found. A failed build prints why and leaves the torch and triton backends working;
+a failed CUDA build is retried with the CPU kernels alone.
 
 Environment variables:
   FDM_FAST_NO_EXT=1        do not build the extension at all (pure Python install)
@@ -123,21 +124,26 @@ def extension_build():
         _say("nvcc not found: building the CPU kernels only")
     elif mismatch:
         _say(f"WARNING: {mismatch}. Building the CPU kernels only")
-    kwargs = dict(include_dirs=[os.path.join(here, "csrc", "include")])
+    include = [os.path.join(here, "csrc", "include")]  # copied into each Extension: torch extends its lists in place
     # libstdc++ linked as the shared library torch itself uses, even by a compiler (or wrapper) that links it
     # statically by default: with its own copy of the C++ exception runtime in fdm_fast._C, the H200 machine's
     # /opt/gcc g++ produced an extension whose argument errors (c10::ValueError) crashed the process instead
     # of raising; an explicit -lstdc++ ahead of the driver's own resolves those symbols to the shared library
     # (benchmarks/ext_probe.py; tests/test_extension.py::test_extension_uses_the_shared_cxx_runtime)
     link = ["-fopenmp", "-lstdc++"]
+
+    def cpu_only():
+        return CppExtension("fdm_fast._C", sources, extra_compile_args={"cxx": list(cxx)}, extra_link_args=list(link),
+                            include_dirs=list(include))
+
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         _say(f"building the CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension("fdm_fast._C", sources + ["csrc/cuda/ops_cuda.cu"], define_macros=[("FDM_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-                            extra_link_args=link, **kwargs)
+                            extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-lineinfo"]},
+                            extra_link_args=list(link), include_dirs=list(include))
     else:
-        ext = CppExtension("fdm_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, **kwargs)
+        ext = cpu_only()
 
     class OptionalBuildExt(BuildExtension):
         """A failed compile says so and leaves the pure-Python backends installed."""
@@ -148,16 +154,36 @@ def extension_build():
             old = compiler_problem()
             if old:
                 _say(f"WARNING: {old}; the build below is expected to fail")
+            why = f" (likely cause: {old})" if old else ""
             try:
                 super().build_extensions()
+                return
             except Exception as e:
-                why = f" (likely cause: {old})" if old else ""
                 if _flag("FDM_FAST_EXT_REQUIRED"):
                     raise RuntimeError(f"building {ext.name} failed{why}: {e}") from e
-                _say(f"WARNING: building {ext.name} failed{why} ({type(e).__name__}: {e}); the torch and triton "
-                     "backends still work, the cpu/cuda backends are unavailable")
-                # nothing was built: the in-place/editable copy of the .so and the install list must skip it
-                self.extensions = []
+                if not with_cuda:
+                    self._give_up(e, why)
+                    return
+                # the CUDA part (nvcc, its host compiler, an architecture it does not know) must not cost
+                # the CPU kernels: build them alone, into the same extension object (setuptools has
+                # registered it), with torch's compile hooks undone so they are installed once, not twice
+                _say(f"WARNING: building the CUDA kernels failed ({type(e).__name__}: {e}); "
+                     "retrying with the CPU kernels only")
+            vars(ext).update(vars(cpu_only()))
+            for hook in ("compile", "_compile"):
+                vars(self.compiler).pop(hook, None)
+            try:
+                super().build_extensions()
+                _say("built the CPU kernels only: the cuda backend is unavailable, the cpu, torch and triton "
+                     "backends work")
+            except Exception as e:
+                self._give_up(e, why)
+
+        def _give_up(self, e, why):
+            _say(f"WARNING: building {ext.name} failed{why} ({type(e).__name__}: {e}); the torch and triton "
+                 "backends still work, the cpu/cuda backends are unavailable")
+            # nothing was built: the in-place/editable copy of the .so and the install list must skip it
+            self.extensions = []
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 

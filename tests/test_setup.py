@@ -117,3 +117,63 @@ def test_the_compiler_check_asks_the_compilers_preprocessor(setup_py, tmp_path, 
         monkeypatch.setenv("CXX", gxx)
         major = int(subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True).stdout.split(".")[0])
         assert (setup_py.compiler_problem() == "") == (major >= 11)
+
+
+@pytest.mark.parametrize("cpu_build", ["builds", "fails", "required"])
+def test_a_failed_cuda_build_is_retried_with_the_cpu_kernels(setup_py, tmp_path, monkeypatch, capsys, cpu_build):
+    """nvcc can fail where the C++ compiler does not (a host compiler nvcc refuses, an architecture it
+    dropped): the CPU kernels are then built alone, into the extension object setuptools registered."""
+    torch = pytest.importorskip("torch")
+    from torch.utils import cpp_extension
+
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "bin").mkdir(parents=True)
+    (cuda_home / "include").mkdir()
+    (cuda_home / "include" / "cuda_runtime.h").write_text("")
+    (cuda_home / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    (cuda_home / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(cuda_home))
+    monkeypatch.delenv("FDM_FAST_NO_CUDA", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setenv("FDM_FAST_EXT_REQUIRED", "1" if cpu_build == "required" else "0")
+    ext_modules, cmdclass = setup_py.extension_build()
+    (ext,) = ext_modules
+    assert "csrc/cuda/ops_cuda.cu" in ext.sources and ("FDM_WITH_CUDA", None) in ext.define_macros
+
+    calls = []
+
+    def build(self):
+        # what torch's BuildExtension does that matters here: hook the compiler instance, then compile
+        assert "compile" not in vars(self.compiler), "torch's compile hook was left from the failed build"
+        self.compiler.compile = "torch's ninja hook"
+        calls.append(list(self.extensions[0].sources))
+        if any(s.endswith(".cu") for s in self.extensions[0].sources):
+            raise RuntimeError("nvcc fatal : Unsupported gpu architecture 'compute_50'")
+        if cpu_build == "fails":
+            raise RuntimeError("c++: internal compiler error")
+
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extensions", build)
+    cls = cmdclass["build_ext"]
+    cmd = cls.__new__(cls)
+    cmd.extensions = list(ext_modules)
+    cmd.compiler = type("Compiler", (), {})()
+    if cpu_build == "required":  # CI asks for the whole extension: no quiet downgrade
+        with pytest.raises(RuntimeError, match="building fdm_fast._C failed: nvcc fatal"):
+            cmd.build_extensions()
+        assert len(calls) == 1
+        return
+    cmd.build_extensions()
+    err = capsys.readouterr().err
+    assert "WARNING: building the CUDA kernels failed (RuntimeError: nvcc fatal : Unsupported gpu architecture" in err
+    assert "retrying with the CPU kernels only" in err
+    assert len(calls) == 2 and calls[1] == ["csrc/bindings.cpp", "csrc/module.cpp", "csrc/cpu/ops_cpu.cpp"]
+    if cpu_build == "builds":
+        assert cmd.extensions == [ext] and cmd.extensions[0] is ext  # the object setuptools finalized
+        assert ("FDM_WITH_CUDA", None) not in (ext.define_macros or [])
+        assert not any(str(cuda_home) in x for x in ext.include_dirs + ext.library_dirs), ext.include_dirs
+        assert not any("cuda" in x for x in ext.libraries), ext.libraries
+        assert "built the CPU kernels only: the cuda backend is unavailable" in err
+    else:
+        assert cmd.extensions == []
+        assert "WARNING: building fdm_fast._C failed (RuntimeError: c++: internal compiler error)" in err
