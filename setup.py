@@ -157,27 +157,28 @@ def extension_build():
             why = f" (likely cause: {old})" if old else ""
             try:
                 super().build_extensions()
-                return
             except Exception as e:
                 if _flag("FDM_FAST_EXT_REQUIRED"):
                     raise RuntimeError(f"building {ext.name} failed{why}: {e}") from e
                 if not with_cuda:
-                    self._give_up(e, why)
-                    return
-                # the CUDA part (nvcc, its host compiler, an architecture it does not know) must not cost
-                # the CPU kernels: build them alone, into the same extension object (setuptools has
-                # registered it), with torch's compile hooks undone so they are installed once, not twice
+                    return self._give_up(e, why)
                 _say(f"WARNING: building the CUDA kernels failed ({type(e).__name__}: {e}); "
                      "retrying with the CPU kernels only")
+                self._build_cpu_only(why)
+
+        def _build_cpu_only(self, why):
+            # the CUDA part (nvcc, its host compiler, an architecture it does not know) must not cost the
+            # CPU kernels: build them alone, into the same extension object (setuptools has registered it),
+            # with torch's compile hooks undone so they are installed once, not twice
             vars(ext).update(vars(cpu_only()))
             for hook in ("compile", "_compile"):
                 vars(self.compiler).pop(hook, None)
             try:
                 super().build_extensions()
-                _say("built the CPU kernels only: the cuda backend is unavailable, the cpu, torch and triton "
-                     "backends work")
             except Exception as e:
-                self._give_up(e, why)
+                return self._give_up(e, why)
+            _say("built the CPU kernels only: the cuda backend is unavailable, the cpu, torch and triton "
+                 "backends work")
 
         def _give_up(self, e, why):
             _say(f"WARNING: building {ext.name} failed{why} ({type(e).__name__}: {e}); the torch and triton "
