@@ -57,6 +57,18 @@ LABELS = {"bf16": "+ bf16 autocast", "sdpa": "+ SDPA attention", "channels_last"
           "compile": "+ torch.compile", "fused_ops": "+ fused ops", "fused_adam": "+ fused Adam, foreach EMA"}
 
 
+def ablation_rows(compile: bool) -> dict:
+    """{label: flags} of the rows from official-style on, each adding one change to the row above.
+    Without ``compile`` the compile row is left out, and so is its flag from every later row."""
+    rows, flags = {"official": set()}, set()
+    for f in STEPS:
+        if f == "compile" and not compile:
+            continue
+        flags = flags | {f}
+        rows[LABELS[f]] = set(flags)
+    return rows
+
+
 def preset_of(device: torch.device, args) -> str:
     return args.preset if args.preset != "auto" else ("ffhq64" if device.type == "cuda" else "digits")
 
@@ -160,12 +172,8 @@ def main(argv=None):
     ops.set_value_checks(False)  # setup keeps them on for the CPU; the other rows have none either
     images = open_dataset(o.ds, None, resolution=o.resolution if preset != "digits" else None).images_as_tensor()
 
-    variants, flags = {"official": make_step(set(), cfg, images, device, args)}, set()
-    for f in STEPS:
-        flags = flags | {f}
-        if f == "compile" and not args.compile:
-            continue
-        variants[LABELS[f]] = make_step(set(flags), cfg, images, device, args)
+    variants = {label: make_step(flags, cfg, images, device, args)
+                for label, flags in ablation_rows(args.compile).items()}
 
     def real():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -71,6 +71,20 @@ def test_time_budget_skips_late_rows_and_keeps_the_timed_ones():
     assert info["rounds"] == 4
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_train_throughput_rows_add_one_change_each(compile):
+    """Each ablation row is the row above plus one change; with --no-compile no row compiles (the rows
+    after the skipped compile row once kept its flag, so "+ fused ops" measured compile and fused ops)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_throughput import STEPS, ablation_rows
+
+    rows = list(ablation_rows(compile).values())
+    assert rows[0] == set() and len(rows) == len(STEPS) + 1 - (not compile)
+    for above, row in zip(rows, rows[1:]):
+        assert above < row and len(row - above) == 1
+    assert any("compile" in r for r in rows) == compile
+
+
 @pytest.mark.slow
 def test_guidance_study_runs_on_a_conditional_snapshot(tmp_path):
     import json
