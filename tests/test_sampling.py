@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_CPU_EXT, run_group
+from conftest import CUDA_ON_CPU, HAS_CPU_EXT, run_group
 from fdm_fast import ops, schedules
 from fdm_fast.gmm import GaussianMixtureDenoiser
 from fdm_fast.sampling import edm_sampler
@@ -99,6 +99,8 @@ def test_generate_cli_same_images_for_any_batching(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(bool(CUDA_ON_CPU), reason="its ranks are fresh processes: they load the real fdm_fast._C, not "
+                                              "the test build tests/test_cuda_on_cpu.py runs this file for")
 def test_generate_on_two_ranks_writes_what_one_process_writes(tmp_path):
     """torchrun with 2 gloo ranks, 7 seeds (rank 0 draws 4, rank 1 draws 3) in batches of 2: every PNG
     and the gathered grid are bitwise those of one process, and both ranks exit (no hang at shutdown,
