@@ -35,19 +35,33 @@ pytestmark = pytest.mark.skipif(not (HAS_TRITON and _nvidia_backend()),
                                 reason="needs Triton with its NVIDIA backend (ptxas ships with it)")
 
 
-def _run(args, tmp_path, code=None, interpret=False):
-    """tests/triton_aot.py with ``args``, or ``code`` (a script: @triton.jit needs a source file)."""
+def _start(args, tmp_path, code=None, interpret=False, cache="triton-cache"):
+    """tests/triton_aot.py with ``args``, or ``code`` (a script: @triton.jit needs a source file), started."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile from scratch, never from a cache hit
+    env["TRITON_CACHE_DIR"] = str(tmp_path / cache)  # compile from scratch, never from a cache hit
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
     script = HERE / "triton_aot.py"
     if code is not None:
         script = tmp_path / f"script_{len(list(tmp_path.glob('script_*.py')))}.py"
         script.write_text(code)
         args = []
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _finish(proc):
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run(args, tmp_path, code=None, interpret=False):
+    return _finish(_start(args, tmp_path, code, interpret))
 
 
 def _triton_version():
@@ -61,11 +75,14 @@ ARCHS = (80, 90, 100) if HAS_TRITON and _triton_version() >= (3, 3) else (80, 90
 
 
 def test_every_triton_kernel_compiles_for_ampere_hopper_and_blackwell(tmp_path):
-    res = _run(["--arch", *map(str, ARCHS)], tmp_path)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
+    # one process per target, side by side (each compiles single-threaded; ptxas runs between)
+    procs = [_start(["--arch", str(a)], tmp_path, cache=f"triton-cache-{a}") for a in ARCHS]
+    results = [_finish(p) for p in procs]
+    out = "".join(r.stdout + r.stderr for r in results)
+    assert all(r.returncode == 0 for r in results), out[-6000:]
     # one table per target, each headed "sm_N: K distinct kernels compiled to cubin"
-    parts = re.split(r"^sm_(\d+): (\d+) distinct kernels compiled to cubin.*$", res.stdout, flags=re.M)[1:]
+    stdout = "".join(r.stdout for r in results)
+    parts = re.split(r"^sm_(\d+): (\d+) distinct kernels compiled to cubin.*$", stdout, flags=re.M)[1:]
     tables = {int(parts[i]): (int(parts[i + 1]), parts[i + 2]) for i in range(0, len(parts), 3)}
     assert sorted(tables) == sorted(ARCHS), out[-3000:]
     for arch, (n, table) in tables.items():
