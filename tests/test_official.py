@@ -38,6 +38,22 @@ def _official_sampler(net, latents, labels, num_steps=6, rho=7.0):
     return x
 
 
+def _denoise_float64(net, x, sigma, labels, aug):
+    """D(x; sigma) with the preconditioning and the network in float64 (the Denoiser itself computes in
+    float32 as EDM's does). Leaves ``net`` in float64."""
+    net.double()
+    x, s = x.double(), sigma.double().reshape(-1, 1, 1, 1)
+    if labels is None and net.label_dim:
+        labels = torch.zeros(x.shape[0], net.label_dim)
+    with torch.no_grad():
+        c_skip, c_out, c_in, c_noise = net.precond.coefficients(s)
+        c_noise = c_noise.reshape(-1).expand(x.shape[0])
+        F = net.model(c_in * x, c_noise, None if labels is None else labels.double(),
+                      None if aug is None else aug.double())
+    assert F.dtype == torch.float64, F.dtype
+    return c_skip * x + c_out * F
+
+
 @needs_fixtures
 @pytest.mark.parametrize("name", ALL)
 def test_official_snapshot_loads_and_matches_the_official_outputs(name):
@@ -53,8 +69,18 @@ def test_official_snapshot_loads_and_matches_the_official_outputs(name):
     labels, aug = exp.get("class_labels"), exp.get("augment_labels")
     D = net(exp["x"], exp["sigma"], labels, aug)
     scale = exp["D"].abs().flatten(1).amax(1).reshape(-1, 1, 1, 1)
-    assert ((D - exp["D"]).abs() <= 2e-6 * scale + 1e-6).all(), (D - exp["D"]).abs().max()
-    out = _official_sampler(net, exp["latents"], labels)
+    # Two float32 evaluations of the same network (ours, the official one on another torch's conv
+    # kernels) differ by rounding. Measured (2026-12-06), as a fraction of the sample's scale: each sits
+    # up to 1.45e-5 from the float64 value (FDM-VE at sigma = 100: D is a small difference of O(100)
+    # terms); they differ from each other by at most 2.5e-6 (torch 2.9.1 and 2.13 alike). The former
+    # bound, 2e-6 * scale + 1e-6, failed on torch 2.9.1 (VP at sigma = 152: 2.15e-6). Scaling c_out by
+    # 1 + 3e-5 fails all nine fixtures; a formula or parameter error (c_noise, m, labels) is far larger.
+    assert ((D - exp["D"]).abs() <= 1e-5 * scale + 1e-6).all(), ((D - exp["D"]).abs() / scale).amax()
+    # The same port in float64 is free of that rounding (and of the torch version): the official float32
+    # output is within its own rounding (1.45e-5 measured, bound 3e-5) of our float64 D.
+    D64 = _denoise_float64(net, exp["x"], exp["sigma"], labels, aug)
+    assert ((D64 - exp["D"].double()).abs() <= 3e-5 * scale + 1e-6).all(), ((D64 - exp["D"]).abs() / scale).amax()
+    out = _official_sampler(net.float(), exp["latents"], labels)
     torch.testing.assert_close(out, exp["sampler_N6"], rtol=1e-4, atol=1e-4)
 
 
