@@ -24,6 +24,7 @@ version to check that one too (a Triton version is all it needs: no GPU, no CUDA
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -192,8 +193,11 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers, spill bytes and shared memory from ``ptxas -v`` on the kernel's PTX."""
     from triton.backends.nvidia import compiler
     if hasattr(compiler, "get_ptxas"):  # Triton >= 3.3
+        # seen: 3.3.1 get_ptxas(arch) -> (path, version), an lru_cache wrapper (no __code__); 3.5.1
+        # get_ptxas() -> a tool with .path; 3.9.0 get_ptxas(arch) -> a tool with .path
         get_ptxas = compiler.get_ptxas
-        ptxas = get_ptxas(arch).path if get_ptxas.__code__.co_argcount else get_ptxas().path
+        tool = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+        ptxas = tool.path if hasattr(tool, "path") else tool[0]
     else:  # Triton 3.2 (torch 2.6's)
         ptxas = compiler._path_to_binary("ptxas")[0]
     gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)  # sm_90a for Hopper
