@@ -13,7 +13,7 @@ scipy_linalg = pytest.importorskip("scipy.linalg", reason="scipy (a scikit-learn
 
 
 def scipy_fid(mu1, s1, mu2, s2):
-    covmean, _ = scipy_linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = scipy_linalg.sqrtm(s1 @ s2)  # no `disp`: deprecated in SciPy 1.17, gone in 1.18
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
 
 
