@@ -13,7 +13,8 @@ Environment variables:
   MAX_JOBS                 parallel compile jobs (torch.utils.cpp_extension)
   FDM_FAST_EXT_REQUIRED=1  make a failed extension build an error instead of a warning (CI)
 
-torch must be importable at build time, so install with --no-build-isolation (see README).
+torch must be importable at build time, so install with --no-build-isolation (see README); pip then
+installs no build requirements, and setuptools must be >= 77 (checked first, see setuptools_problem).
 Compiler: GCC >= 11 or Clang >= 14 (the CPU kernels use C++17 and AVX-512 intrinsics with per-function
 target attributes); an older one is named in the build's message.
 """
@@ -26,6 +27,24 @@ import subprocess
 import sys
 
 from setuptools import setup
+
+
+SETUPTOOLS_MIN = (77, 0)  # pyproject.toml's `license = "MIT"` (an SPDX expression) needs setuptools >= 77
+
+
+def setuptools_problem(version: str) -> str:
+    """Why this setuptools cannot build fdm_fast, or '' when it can.
+
+    The SPDX form of `project.license` replaced the `{ text = ... }` table, which setuptools >= 77 warns
+    will stop building after 2027-02-18. Older setuptools (Python 3.11's venv brings 65.5) rejects the
+    string with a schema error that does not say what to do; with --no-build-isolation pip does not
+    install the build requirements, so this says it first. torch >= 2.13 itself requires setuptools >= 77.
+    """
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and (int(m.group(1)), int(m.group(2))) < SETUPTOOLS_MIN:
+        return (f"setuptools {version} is too old to build fdm_fast (needs >= {SETUPTOOLS_MIN[0]}, for the SPDX "
+                f"license in pyproject.toml): pip install 'setuptools>={SETUPTOOLS_MIN[0]}'")
+    return ""
 
 
 def _flag(name):
@@ -190,5 +209,9 @@ def extension_build():
 
 
 if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; tests import the helpers
+    import setuptools
+
+    if setuptools_problem(setuptools.__version__):
+        sys.exit(f"fdm_fast setup: {setuptools_problem(setuptools.__version__)}")
     ext_modules, cmdclass = extension_build()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

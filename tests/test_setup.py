@@ -177,3 +177,38 @@ def test_a_failed_cuda_build_is_retried_with_the_cpu_kernels(setup_py, tmp_path,
     else:
         assert cmd.extensions == []
         assert "WARNING: building fdm_fast._C failed (RuntimeError: c++: internal compiler error)" in err
+
+
+@pytest.mark.parametrize("version,ok", [("65.5.0", False), ("76.1.0", False), ("77.0.3", True), ("84.2.1", True),
+                                        ("100.0.0", True), ("80.9.0.post1", True)])
+def test_the_setuptools_floor_is_named(setup_py, version, ok):
+    # pyproject.toml's SPDX `license = "MIT"` needs setuptools >= 77; the old `{ text = ... }` table
+    # warns there that it stops building after 2027-02-18
+    why = setup_py.setuptools_problem(version)
+    assert (why == "") == ok, why
+    if not ok:
+        assert f"setuptools {version} is too old" in why and "pip install 'setuptools>=77'" in why
+
+
+def test_pyproject_declares_the_license_as_spdx_and_requires_that_setuptools():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "MIT"' in text and 'requires = ["setuptools>=77"' in text
+
+
+def test_an_old_setuptools_stops_the_build_with_what_to_do(tmp_path):
+    """Python 3.11's venv brings setuptools 65.5, which rejects the SPDX license with a schema dump;
+    setup.py says first what to install (pip's --no-build-isolation does not install build requirements)."""
+    import os
+    import sys
+    import venv
+
+    venv.create(tmp_path / "v", with_pip=True)
+    py = tmp_path / "v" / "bin" / "python"
+    old = subprocess.run([str(py), "-c", "import setuptools; print(setuptools.__version__)"], capture_output=True,
+                         text=True)
+    if old.returncode != 0 or not old.stdout.strip().split(".")[0].isdigit() or int(old.stdout.split(".")[0]) >= 77:
+        pytest.skip(f"this Python ({sys.version_info[:2]}) brings no setuptools < 77 into a new venv")
+    r = subprocess.run([str(py), "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, FDM_FAST_NO_EXT="1"))
+    assert r.returncode != 0
+    assert f"setuptools {old.stdout.strip()} is too old to build fdm_fast" in r.stderr, r.stderr
