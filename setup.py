@@ -15,8 +15,9 @@ Environment variables:
 
 torch must be importable at build time, so install with --no-build-isolation (see README); pip then
 installs no build requirements, and setuptools must be >= 77 (checked first, see setuptools_problem).
-Compiler: GCC >= 11 or Clang >= 14 (the CPU kernels use C++17 and AVX-512 intrinsics with per-function
-target attributes); an older one is named in the build's message.
+Compiler: GCC >= 11 or Clang >= 14 (the CPU kernels use C++17, or the C++20 that torch >= 2.14's headers
+need, and AVX-512 intrinsics with per-function target attributes); an older one is named in the build's
+message.
 """
 
 import os
