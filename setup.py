@@ -212,7 +212,8 @@ def extension_build():
 if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; tests import the helpers
     import setuptools
 
-    if setuptools_problem(setuptools.__version__):
-        sys.exit(f"fdm_fast setup: {setuptools_problem(setuptools.__version__)}")
+    why = setuptools_problem(setuptools.__version__)
+    if why:
+        sys.exit(f"fdm_fast setup: {why}")
     ext_modules, cmdclass = extension_build()
     setup(ext_modules=ext_modules, cmdclass=cmdclass)
