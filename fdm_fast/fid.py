@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("calc", help="FID of images (a folder / zip, or generated on the fly) against a reference")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", help="folder or zip of generated images")
-    g.add_argument("--network", help="a training snapshot to sample from")
+    g.add_argument("--network", help="a snapshot to sample from (.pt of fdm_fast.train, official .pkl, .safetensors)")
     c.add_argument("--ref", required=True, help="reference statistics .npz (from `ref`, or EDM's)")
     c.add_argument("--num", type=int, default=50000, help="images to generate with --network (default 50000)")
     c.add_argument("--steps", type=int, default=18, help="Heun steps with --network (default 18)")

@@ -51,7 +51,9 @@ def parse_seeds(s: str) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fdm_fast.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--network", required=True, help="a network-snapshot-*.pt of fdm_fast.train")
+    ap.add_argument("--network", required=True,
+                    help="a network-snapshot-*.pt of fdm_fast.train, an official EDM/FDM network-snapshot-*.pkl "
+                         "(read without running its code) or a .safetensors of fdm_fast.convert")
     ap.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-49999 or 1,5,7-9 (default 0-63)")
     ap.add_argument("--steps", type=int, default=18, help="solver steps N (heun: NFE = 2N - 1, others N; default 18)")
     ap.add_argument("--solver", default=None, choices=list(solvers.SOLVERS),
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
                     help="guidance weight w: D = D_guide + w (D - D_guide); 1 = unguided (default). Without "
                          "--guide-network: classifier-free guidance (a class-conditional network)")
     ap.add_argument("--guide-network", default=None, metavar="SNAP",
-                    help="autoguidance: a weaker snapshot of the same task (e.g. an earlier one) as the guide")
+                    help="autoguidance: a weaker snapshot of the same task (e.g. an earlier one) as the guide; "
+                         "any format --network takes")
     ap.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity (EDM's S_churn; default 0)")
     ap.add_argument("--S-min", dest="S_min", type=float, default=0.0, help="churn only at sigma >= S_min (default 0)")
     ap.add_argument("--S-max", dest="S_max", type=float, default=float("inf"),

@@ -95,6 +95,15 @@ def test_train_help_shows_the_digits_defaults():
     assert r.returncode == 0 and "digits 0.001" in text and "digits 0.01)" in text, text
 
 
+def test_generate_and_fid_help_name_every_snapshot_format_they_load(capsys):
+    # snapshots.load_snapshot reads fdm_fast .pt, official .pkl and .safetensors: --help says so
+    for main, argv in ((generate.main, ["--help"]), (fid.main, ["calc", "--help"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert ".pt" in text and ".pkl" in text and ".safetensors" in text, text
+
+
 def test_generate_bad_options(tmp_path, capsys):
     snap = tmp_path / "snap.pt"
     snap.write_bytes(b"x")
