@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.outdir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     print(f"{args.source}: {config['source']['precond_class']} ({config['precond']}, "
-          f"{config['precond_options']}) with a {config['arch']} network -> {args.outdir}/"
+          f"{config['precond_options']}) with a {config['arch']} network -> {os.path.join(args.outdir, '')}"
           "{network-snapshot.pt, model.safetensors, config.json}")
     return 0
 
