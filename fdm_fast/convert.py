@@ -3,10 +3,10 @@ its code (fdm_fast.official reads it with a restricted unpickler):
 
     python -m fdm_fast.convert network-snapshot-200000.pkl converted/
 
-writes into the folder ``network-snapshot.pt`` (an fdm_fast snapshot: EMA weights + config, with its
-SHA-256 beside it), ``model.safetensors`` (the weights, the format the hub ecosystem reads) and
-``config.json`` (the fdm_fast config). ``python -m fdm_fast.generate --network`` takes any of the
-three, or the ``.pkl`` itself.
+writes into the folder ``network-snapshot.pt`` (an fdm_fast snapshot: EMA weights + config),
+``model.safetensors`` (the weights, the format the hub ecosystem reads, with the config in its
+metadata), each with its SHA-256 beside it (verified on load), and ``config.json`` (the fdm_fast
+config). ``python -m fdm_fast.generate --network`` takes either network file, or the ``.pkl`` itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 
 from .official import OfficialFormatError, load_official, save_safetensors, to_fdm_fast
-from .snapshots import atomic_save
+from .snapshots import atomic_save, write_checksum
 
 
 def main(argv=None) -> int:
@@ -45,13 +45,14 @@ def main(argv=None) -> int:
         return 2
     ema = net.state_dict()
     atomic_save(dict(config=config, ema=ema, step=0, cur_nimg=0), os.path.join(args.outdir, "network-snapshot.pt"))
-    save_safetensors(ema, os.path.join(args.outdir, "model.safetensors"),
-                     metadata=dict(fdm_fast_config=json.dumps(config), source=os.path.basename(args.source)))
+    st = os.path.join(args.outdir, "model.safetensors")
+    save_safetensors(ema, st, metadata=dict(fdm_fast_config=json.dumps(config), source=os.path.basename(args.source)))
+    write_checksum(st)  # verified on load, as every .pt of fdm_fast is
     with open(os.path.join(args.outdir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     print(f"{args.source}: {config['source']['precond_class']} ({config['precond']}, "
           f"{config['precond_options']}) with a {config['arch']} network -> {os.path.join(args.outdir, '')}"
-          "{network-snapshot.pt, model.safetensors, config.json}")
+          "{network-snapshot.pt, model.safetensors, config.json} (each .pt and .safetensors with its .sha256)")
     return 0
 
 

@@ -39,19 +39,25 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save(obj, path)`` with its checksum beside it, both renamed into place (module docstring)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = sha256_of(tmp)
+def write_checksum(path: str, data_path: Optional[str] = None) -> None:
+    """``path.sha256`` (sha256sum format, naming ``path``) of the bytes at ``data_path`` (default ``path``),
+    written to a temp file, synced and renamed into place."""
+    digest = sha256_of(data_path or path)
     side = f"{path}.sha256"
     with open(f"{side}.tmp{os.getpid()}", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{side}.tmp{os.getpid()}", side)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)`` with its checksum beside it, both renamed into place (module docstring)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    write_checksum(path, tmp)
     os.replace(tmp, path)
 
 
@@ -73,7 +79,8 @@ def verify(path: str) -> None:
         warnings.warn(f"{path}: no checksum file ({os.path.basename(side)}) beside it; loading unverified",
                       stacklevel=3)
         return
-    want = open(side).read().split()[:1]
+    with open(side) as f:
+        want = f.read().split()[:1]
     got = sha256_of(path)
     if not want or want[0] != got:
         raise SnapshotError(f"{path}: the file does not match its checksum {os.path.basename(side)} "
@@ -184,7 +191,8 @@ def load_snapshot(path: str, device="cpu"):
         if "fdm_fast_config" in meta:
             config = json.loads(meta["fdm_fast_config"])
         elif os.path.isfile(side):
-            config = json.load(open(side))
+            with open(side) as f:
+                config = json.load(f)
         else:
             raise SnapshotError(f"{path}: no config (neither fdm_fast_config metadata nor config.json beside it)")
         data = dict(ema=tensors, config=config)

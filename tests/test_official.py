@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,19 @@ def test_convert_writes_a_snapshot_safetensors_and_json_that_all_load(tmp_path, 
     assert convert.main([str(src), str(tmp_path / "out")]) == 0
     exp = torch.load(FIXTURES / "expected-fdm-edm-m2-ddpmpp.pt", weights_only=True)
     outs = []
-    for f in ("network-snapshot.pt", "model.safetensors", "../../" + str(src)):
-        net = snapshots.load_snapshot(str(tmp_path / "out" / f) if not f.startswith("..") else str(src))
-        outs.append(net(exp["x"], exp["sigma"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both network files have their checksum: nothing loads unverified
+        for f in ("network-snapshot.pt", "model.safetensors", "../../" + str(src)):
+            net = snapshots.load_snapshot(str(tmp_path / "out" / f) if not f.startswith("..") else str(src))
+            outs.append(net(exp["x"], exp["sigma"]))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+    st = tmp_path / "out" / "model.safetensors"
+    raw = bytearray(st.read_bytes())
+    raw[-1] ^= 0xFF  # one weight's last byte: still a well-formed safetensors file
+    st.write_bytes(bytes(raw))
+    with pytest.raises(snapshots.SnapshotError, match="does not match its checksum"):
+        snapshots.load_snapshot(str(st))
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["precond"] == "fdm_edm" and cfg["precond_options"]["fdm_multiplier"] == 2.0
     # generate takes the .pkl directly
