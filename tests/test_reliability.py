@@ -4,6 +4,7 @@ refuses bad network files with a message."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,8 +47,8 @@ def test_corrupt_checkpoint_is_refused_and_auto_resume_falls_back(tmp_path, caps
 def test_truncated_newest_checkpoint_falls_back(tmp_path):
     _run(tmp_path, steps=3)
     newest = snapshots.checkpoints(str(tmp_path))[-1]
-    data = open(newest, "rb").read()
-    open(newest, "wb").write(data[: len(data) // 3])
+    data = Path(newest).read_bytes()
+    Path(newest).write_bytes(data[: len(data) // 3])
     res = training_loop(tiny_options(tmp_path, "--kimg", "100", "--resume", "auto"), quiet=True, stop_after_steps=1)
     assert res["step"] == 3  # from step 2, plus one
 
@@ -66,7 +67,7 @@ def test_stale_temp_files_are_removed_and_stats_read_as_one_run(tmp_path):
     training_loop(tiny_options(tmp_path, "--kimg", "100", "--tick", "0.016", "--resume", "auto"), quiet=True,
                   stop_after_steps=2)
     assert not any(p.exists() for p in stale) and keep.exists()
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "stats.jsonl")]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) == list(range(1, 7)), steps
 
 

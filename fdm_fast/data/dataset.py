@@ -78,10 +78,14 @@ class ImageFolderDataset(ImageDataset):
     def __init__(self, path: str, use_labels: bool = True, max_size: Optional[int] = None):
         self.path = path
         self.name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        zf = None
         if os.path.isdir(path):
             files = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
                            for root, _, fs in os.walk(path) for f in fs)
-            read = lambda f: open(os.path.join(path, f), "rb").read()  # noqa: E731
+
+            def read(f):
+                with open(os.path.join(path, f), "rb") as fh:
+                    return fh.read()
         elif os.path.isfile(path) and zipfile.is_zipfile(path):
             zf = zipfile.ZipFile(path)
             files = sorted(zf.namelist())
@@ -93,6 +97,14 @@ class ImageFolderDataset(ImageDataset):
                     raise DatasetError(f"{path}/{f}: the zip member is damaged ({e})") from None
         else:
             raise DatasetError(f"{path}: not a folder or a zip file of images")
+        try:
+            self._read_all(path, files, read, use_labels, max_size)
+        finally:  # every image is in memory now: the zip is not needed again
+            if zf is not None:
+                zf.close()
+
+    def _read_all(self, path, files, read, use_labels, max_size):
+        """Decode the images among ``files`` (and dataset.json's labels), each read with ``read(name)``."""
         images = [f for f in files if f.lower().endswith(IMAGE_EXT)]
         if not images:
             raise DatasetError(f"{path}: contains no images ({', '.join(IMAGE_EXT)})")
