@@ -6,7 +6,8 @@ loss-weight warm-up driven by the optimizer step. Checkpoints are written atomic
 file, then rename), the last K kept, and ``--resume auto`` continues the newest one exactly: model,
 EMA, optimizer, step, data order, RNG and warm-up. Network snapshots (``network-snapshot-*.pt``)
 hold the EMA weights and the config, load with ``torch.load(weights_only=True)``, and come with a
-grid of samples (EDM Heun on the fused step ops).
+grid of samples (EDM Heun on the fused step ops). Ctrl-C (SIGINT) or SIGTERM stops a run after the
+current step with a training state (exit status 128 + the signal); ``--resume auto`` continues it.
 
 Several GPUs or nodes: ``torchrun --nproc_per_node=N -m fdm_fast.train ...`` (DDP; NCCL on GPUs,
 gloo on CPUs); each rank draws its own data shard and noise, rank 0 logs and writes files.
@@ -19,7 +20,9 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -591,9 +594,89 @@ def write_checkpoint(run: Run) -> str:
     return path
 
 
+STOP_SYNC_STEPS = 10  # with several ranks: how often they agree on a stop request (one small all-reduce)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler preempting the job) while training: finish the current
+    step, write a training state, end the run; ``--resume auto`` continues it exactly.
+
+    A repeat of a signal within ``repeat_window_s`` of the first is ignored: torchrun passes the
+    terminal's Ctrl-C on to its workers, which the terminal has already signalled, so each worker sees
+    it twice. A later repeat aborts at once (KeyboardInterrupt, Python's own behaviour), for a step
+    that does not finish. With several ranks the request is all-reduced every STOP_SYNC_STEPS steps,
+    so all ranks stop after the same step, whichever of them got the signal; one process checks every
+    step and communicates nothing. Handlers are installed by ``arm()`` (just before the first step)
+    and the previous ones restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce=lambda msg: None, repeat_window_s: float = 1.0):
+        self.signum, self.t_first = 0, None
+        self.announce, self.repeat_window_s = announce, repeat_window_s
+        self._previous = {}
+
+    def arm(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in self.SIGNALS:
+                self._previous.setdefault(s, signal.signal(s, self._handle))
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.t_first = signum, now
+            self.announce(f"{signal.Signals(signum).name}: stopping after this step and writing a training state "
+                          "(--resume auto continues from it); a second Ctrl-C aborts at once, without one")
+        elif now - self.t_first > self.repeat_window_s:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: aborted without writing a training state")
+
+    def requested(self, step: int, world: int = 1, device=torch.device("cpu")) -> int:
+        """The number of the signal to stop for, or 0 to go on; the same on every rank."""
+        if world == 1:
+            return self.signum
+        if step % STOP_SYNC_STEPS:
+            return 0
+        t = torch.tensor([self.signum], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+
+def _announce(msg: str) -> None:
+    """A line on stderr from a signal handler: os.write, not print, which raises 'reentrant call' when the
+    signal lands while the main thread is writing to sys.stderr (the progress bar does, constantly)."""
+    try:
+        os.write(2, f"\n{msg}\n".encode())
+    except OSError:
+        pass
+
+
+def exit_status(result: dict) -> int:
+    """The process's exit status for a training_loop result: 0, or 128 + the signal that stopped it."""
+    return 128 + int(result["stopped_by"]) if result.get("stopped_by") else 0
+
+
 def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu"), quiet: bool = False,
                   stop_after_steps: Optional[int] = None) -> dict:
-    """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests)."""
+    """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests). SIGINT / SIGTERM
+    end the run after the current step with a training state (StopRequest); ``stopped_by`` in the
+    summary is then that signal (else None)."""
+    with StopRequest(_announce if rank == 0 else (lambda msg: None)) as stopper:
+        return _training_loop(o, rank=rank, world=world, device=device, quiet=quiet,
+                              stop_after_steps=stop_after_steps, stopper=stopper)
+
+
+def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, stop_after_steps: Optional[int],
+                   stopper: StopRequest) -> dict:
     log = (lambda *a: print(*a, flush=True)) if rank == 0 and not quiet else (lambda *a: None)
     run = setup(o, rank=rank, world=world, device=device, log=log)
     device = run.device  # canonical ("cuda" -> "cuda:0")
@@ -632,6 +715,8 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
         bar = tqdm(total=total_nimg, initial=min(run.cur_nimg, total_nimg), unit="img", unit_scale=True,
                    dynamic_ncols=True, mininterval=2.0)
     last_loss = float("nan")
+    stop, ckpt_path = 0, None
+    stopper.arm()
 
     while run.cur_nimg < total_nimg and (stop_after_steps is None or run.step - start_step < stop_after_steps):
         clamp = fdm_clamp(net, run.step, o.warmup_ite)
@@ -641,7 +726,8 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
         if bar is not None:
             bar.update(min(o.batch, total_nimg - bar.n))
         done = cur_nimg >= total_nimg
-        if cur_nimg >= next_tick or done:
+        stop = 0 if done else stopper.requested(run.step, world, device)
+        if cur_nimg >= next_tick or done or stop:
             if world > 1:
                 t = torch.stack([tick_loss, torch.full((), float(tick_n), dtype=torch.float64, device=device)])
                 torch.distributed.all_reduce(t)
@@ -670,14 +756,20 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                 f"({rec['seconds']:.1f} s)")
             while next_metric <= cur_nimg:
                 next_metric += o.metric_every * 1000
-        if rank == 0 and (cur_nimg >= next_ckpt or done):
-            write_checkpoint(run)
+        if rank == 0 and (cur_nimg >= next_ckpt or done or stop):
+            ckpt_path = write_checkpoint(run)
             next_ckpt += o.ckpt * 1000
+        if stop:
+            break
     if bar is not None:
         bar.close()
-    if rank == 0 and stop_after_steps is not None and not (run.cur_nimg >= total_nimg):
+    if rank == 0 and stop_after_steps is not None and not stop and not (run.cur_nimg >= total_nimg):
         write_checkpoint(run)
-    return dict(step=run.step, cur_nimg=run.cur_nimg, loss=last_loss, net=net, ema=ema)
+    if stop and rank == 0:
+        print(f"stopped by {signal.Signals(stop).name} after step {run.step} ({run.cur_nimg / 1000:g} kimg); "
+              f"training state {ckpt_path}: run the same command with --resume auto to continue",
+              file=sys.stderr, flush=True)
+    return dict(step=run.step, cur_nimg=run.cur_nimg, loss=last_loss, net=net, ema=ema, stopped_by=stop or None)
 
 
 class _null:
@@ -718,15 +810,15 @@ def _main(args) -> int:
         if not os.access(o.outdir, os.W_OK):
             raise SystemExit(f"error: --outdir {o.outdir}: not writable")
     try:
-        training_loop(o, rank=rank, world=world, device=device)
+        result = training_loop(o, rank=rank, world=world, device=device)
     except (DatasetError, SnapshotError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown_distributed()
-    if rank == 0:
+    if rank == 0 and not result["stopped_by"]:
         print(f"done: checkpoints, snapshots and sample grids in {o.outdir}")
-    return 0
+    return exit_status(result)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ refuses bad network files with a message."""
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fdm_fast import generate, snapshots
+from fdm_fast import generate, snapshots, train
 from fdm_fast.train import training_loop
 from test_train import tiny_options
 
@@ -110,3 +112,47 @@ def test_generate_refuses_bad_network_files(tmp_path, capsys, content, message):
     rc = generate.main(["--network", str(bad), "--seeds", "0-1", "--grid", str(tmp_path / "g.png"), "--steps", "2"])
     assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_sigint_stops_after_the_step_with_a_training_state_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+    args = ("--kimg", "0.192", "--ckpt", "100", "--snap", "100")  # 6 steps of 32; no periodic checkpoint
+    full = training_loop(tiny_options(tmp_path / "full", *args), quiet=True)
+    real_step = train.train_step
+
+    def step_then_ctrl_c(run):
+        loss = real_step(run)
+        if run.step == 3:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the copy torchrun forwards at once: ignored
+        return loss
+
+    monkeypatch.setattr(train, "train_step", step_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "run"
+    res = training_loop(tiny_options(run, *args), quiet=True)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    assert res["stopped_by"] == signal.SIGINT and res["step"] == 3 and train.exit_status(res) == 130
+    assert [os.path.basename(p) for p in snapshots.checkpoints(str(run))] == ["training-state-00000003.pt"]
+    assert "stopped by SIGINT after step 3" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()][-1] == 3
+    monkeypatch.undo()
+    resumed = training_loop(tiny_options(run, *args, "--resume", "auto"), quiet=True)
+    assert resumed["step"] == 6 and resumed["stopped_by"] is None and train.exit_status(resumed) == 0
+    for k, v in full["net"].state_dict().items():
+        assert torch.equal(v, resumed["net"].state_dict()[k]), k
+    for k, v in full["ema"].state_dict().items():
+        assert torch.equal(v, resumed["ema"].state_dict()[k]), k
+
+
+def test_a_later_second_signal_aborts_at_once_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with train.StopRequest(repeat_window_s=0.05) as stop:
+        assert stop.requested(1) == 0
+        stop.arm()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested(2) == signal.SIGTERM
+        signal.raise_signal(signal.SIGTERM)  # within the window: still stopping gracefully
+        time.sleep(0.1)
+        with pytest.raises(KeyboardInterrupt, match="aborted"):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -1,7 +1,9 @@
 """Soak: a short training run killed with SIGKILL at random moments (during checkpoint writes too,
 a checkpoint every step) and restarted with --resume auto until it finishes, for 1 process and for
 2 gloo ranks under torchrun; the final weights must equal an uninterrupted run's bitwise, and no
-temporary file or orphan checksum may remain."""
+temporary file or orphan checksum may remain. Also the graceful stop: SIGTERM to one process, and
+Ctrl-C to torchrun's whole process group (so each worker gets SIGINT twice), end the run after one
+step with a training state, and --resume auto finishes it bitwise equal to the uninterrupted run."""
 
 import os
 import random
@@ -20,21 +22,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import sys, torch
 from fdm_fast.distributed import shutdown_distributed
-from fdm_fast.train import init_distributed, parse_args, resolve, training_loop
+from fdm_fast.train import exit_status, init_distributed, parse_args, resolve, training_loop
 o = resolve(parse_args(sys.argv[1:]))
 o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.channel_mult = (1, 2)
 rank, world, device = init_distributed()
-training_loop(o, rank=rank, world=world, device=device, quiet=True)
+result = training_loop(o, rank=rank, world=world, device=device, quiet=True)
 shutdown_distributed()  # as train.main does
+sys.exit(exit_status(result))
 """
 
 
-def _cmd(tmp_path, ranks, outdir):
+def _cmd(tmp_path, ranks, outdir, *extra):
     script = tmp_path / "soak_run.py"
     script.write_text(SCRIPT)
     args = ["--ds", "digits", "--resolution", "8", "--batch", "16", "--precision", "fp32", "--no-compile",
             "--kimg", "0.96", "--ckpt", "0.016", "--snap", "0.128", "--keep", "2", "--grid", "4", "--grid-steps", "2",
-            "--dropout", "0.1", "--outdir", str(outdir), "--resume", "auto"]
+            "--dropout", "0.1", "--outdir", str(outdir), "--resume", "auto", *extra]
     if ranks == 1:
         return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(script),
@@ -59,18 +62,33 @@ def _wait_or_kill_group(p, timeout):
         raise
 
 
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+_REFERENCE = {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """reference(ranks): (final weights, seconds) of an uninterrupted run, run once per module."""
+    def get(ranks):
+        if ranks not in _REFERENCE:
+            tmp = tmp_path_factory.mktemp(f"reference{ranks}")
+            t0 = time.time()
+            with open(tmp / "ref.err", "wb") as err:  # a file, not a pipe nobody reads while it runs
+                ref = subprocess.Popen(_cmd(tmp, ranks, tmp / "ref"), env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                                       start_new_session=True)
+                _wait_or_kill_group(ref, 300)
+            assert ref.returncode == 0, (tmp / "ref.err").read_text()[-3000:]
+            _REFERENCE[ranks] = _final_weights(tmp / "ref"), time.time() - t0
+        return _REFERENCE[ranks]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, ranks):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    ref_dir, soak_dir = tmp_path / "ref", tmp_path / "soak"
-    t0 = time.time()
-    with open(tmp_path / "ref.err", "wb") as err:  # a file, not a pipe nobody reads while it runs
-        ref = subprocess.Popen(_cmd(tmp_path, ranks, ref_dir), env=env, stdout=subprocess.DEVNULL, stderr=err,
-                               start_new_session=True)
-        _wait_or_kill_group(ref, 300)
-    assert ref.returncode == 0, (tmp_path / "ref.err").read_text()[-3000:]
-    whole = time.time() - t0
+def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, ranks, reference):
+    env = ENV
+    soak_dir = tmp_path / "soak"
+    want, whole = reference(ranks)
     rng = random.Random(f"soak-{ranks}-{os.environ.get('FDM_FAST_SOAK_SEED', '0')}")  # another seed: other kill points
     kills, max_kills, t_end = 0, 5, time.time() + 300
 
@@ -97,7 +115,7 @@ def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, rank
         err = p.stderr.read().decode()
         assert p.returncode == 0, err[-3000:]
         break
-    want, got = _final_weights(ref_dir), _final_weights(soak_dir)
+    got = _final_weights(soak_dir)
     for k in want:
         assert torch.equal(want[k], got[k]), k
     names = sorted(os.listdir(soak_dir))
@@ -106,3 +124,56 @@ def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, rank
     assert not stray, stray
     assert kills >= 3, f"only {kills} kills landed: the soak did not exercise resume"
     print(f"{ranks} rank(s): {kills} kills, the run took {whole:.1f} s uninterrupted")
+
+
+def _stats_rows(outdir):
+    path = outdir / "stats.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _worker_of_rank(torchrun_pid, rank):
+    """The pid of torchrun's worker process with RANK=rank (from /proc)."""
+    for child in open(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read().split():
+        with open(f"/proc/{child}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under pid {torchrun_pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, sig, target", [(1, signal.SIGTERM, "process"), (2, signal.SIGINT, "group"),
+                                                (2, signal.SIGTERM, "rank 1")])
+def test_a_signal_stops_the_run_with_a_training_state_and_resume_is_exact(tmp_path, ranks, sig, target, reference):
+    want, _ = reference(ranks)
+    run = tmp_path / "run"
+    # no periodic checkpoint (--ckpt beyond the run): the one training state must come from the stop
+    cmd = _cmd(tmp_path, ranks, run, "--ckpt", "100", "--snap", "100", "--tick", "0.016")
+    with open(tmp_path / "stop.err", "wb") as err:
+        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        t_end = time.time() + 120
+        while p.poll() is None and _stats_rows(run) < 3 and time.time() < t_end:  # a row per step
+            time.sleep(0.005)
+        assert p.poll() is None, "the run ended before it could be signalled"
+        if target == "process":
+            p.send_signal(sig)  # a scheduler's SIGTERM
+        elif target == "group":
+            os.killpg(p.pid, sig)  # a terminal's Ctrl-C: torchrun and both workers, which torchrun signals again
+        else:  # one worker only, not the one that writes files: rank 0 must learn of it and stop at the same step
+            os.kill(_worker_of_rank(p.pid, 1), sig)
+        _wait_or_kill_group(p, 120)  # a rank left waiting in a collective would hang here
+    text = (tmp_path / "stop.err").read_text()
+    if ranks == 1:
+        assert p.returncode == 128 + sig, text[-3000:]
+    else:
+        assert p.returncode != 0, text[-3000:]  # torchrun reports its workers' status (or the signal it got)
+    states = snapshots.checkpoints(str(run))
+    assert len(states) == 1, (states, text[-3000:])
+    step = snapshots.load_state(states[0])["step"]
+    assert 3 <= step < 60 and (ranks == 1 or step % 10 == 0), step  # several ranks agree every 10 steps
+    assert f"stopped by {sig.name} after step {step}" in text, text[-3000:]
+    r = subprocess.run(_cmd(tmp_path, ranks, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=300, start_new_session=True)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    got = _final_weights(run)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
