@@ -3,7 +3,9 @@
 Each image depends on its seed only (per-image noise under the noise contract), never on the batch
 it was drawn in, so any split of the seeds, over batches or over ranks (``torchrun
 --nproc_per_node=N -m fdm_fast.generate ...``), gives the same images. Output: PNGs in ``--outdir``
-(1000 per subfolder, named by seed) and/or one ``--grid`` PNG.
+(1000 per subfolder, named by seed; each written under a temporary name, then renamed) and/or one
+``--grid`` PNG. ``--skip-existing`` draws only the seeds whose PNG is missing: the same command
+finishes a run that was cut short.
 
 Solvers (``--solver``, ``--steps``, ``--schedule``; fdm_fast.solvers): heun (EDM's, NFE 2N - 1), euler,
 dpm++2m, dpm++3m, dpm++2m-sde, ipndm, unipc, dpm3s (the official FDM code's DPM-Solver; use it with
@@ -83,6 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     ap.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (conditional networks)")
     ap.add_argument("--outdir", default=None, help="write one PNG per seed here (1000 per subfolder)")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="with --outdir: do not generate seeds whose PNG is already there, so a run cut short "
+                         "continues where it stopped (each image depends on its seed only; PNGs are written "
+                         "under a temporary name and renamed, so one that exists is complete)")
     ap.add_argument("--grid", default=None, help="write all images as one grid PNG here")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="network precision (default fp32)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -97,6 +103,10 @@ def main(argv=None) -> int:
         return 2
     if not args.outdir and not args.grid:
         print("error: give --outdir DIR and/or --grid FILE.png", file=sys.stderr)
+        return 2
+    if args.skip_existing and (not args.outdir or args.grid):
+        print("error: --skip-existing: expected --outdir without --grid (a grid needs every image generated), got "
+              + (f"--grid {args.grid}" if args.grid else "no --outdir"), file=sys.stderr)
         return 2
     old_name = {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler)  # --sampler's value as a solver name
     if args.sampler and args.solver and old_name != args.solver:
@@ -181,6 +191,14 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         print("error: --class: this network is unconditional", file=sys.stderr)
         return 2
     mine = seeds[rank::world]
+    skipped = 0
+    if args.skip_existing:  # each rank checks only its own seeds: no race with another rank's writes
+        todo = seeds_to_do(args.outdir, mine)
+        skipped, mine = len(mine) - len(todo), todo
+        if world > 1:
+            t = torch.tensor([skipped], device=device)
+            torch.distributed.all_reduce(t)
+            skipped = int(t.item())
     batches = [mine[i:i + args.batch] for i in range(0, len(mine), args.batch)]
     from tqdm import tqdm
 
@@ -215,13 +233,9 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         else:
             images = sampler(net, batch, class_labels=labels, **kw)
         if args.outdir:
-            from PIL import Image
-
             arr = (images.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for s, a in zip(batch, arr):
-                d = os.path.join(args.outdir, f"{s - s % 1000:06d}")
-                os.makedirs(d, exist_ok=True)
-                Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(os.path.join(d, f"{s:06d}.png"))
+                save_png(a, png_path(args.outdir, s))
         if args.grid:
             results.append(images.cpu())
     if args.grid:
@@ -240,10 +254,51 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         guided = "" if args.guidance == 1 and guide is None else \
             f", guidance {args.guidance} ({'autoguidance' if guide is not None else 'classifier-free'}: 2 network " \
             f"evaluations per NFE)"
-        print(f"generated {len(seeds)} images ({args.solver}, {args.schedule} schedule, {args.steps} steps, NFE {n}"
-              f"{guided})"
-              + (f" -> {args.outdir}" if args.outdir else "") + (f" -> {args.grid}" if args.grid else ""))
+        print(f"generated {len(seeds) - skipped} images ({args.solver}, {args.schedule} schedule, {args.steps} steps, "
+              f"NFE {n}{guided})"
+              + (f" -> {args.outdir}" if args.outdir else "") + (f" -> {args.grid}" if args.grid else "")
+              + (f"; skipped {skipped} seeds whose PNG was there" if args.skip_existing else ""))
     return 0
+
+
+def png_path(outdir: str, seed: int) -> str:
+    """Where seed's image goes: 1000 per subfolder, as EDM's generate.py names them."""
+    return os.path.join(outdir, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
+
+
+def seeds_to_do(outdir: str, seeds: list) -> list:
+    """The seeds without a PNG in outdir; temporary files a killed run left for these seeds are removed
+    (only these: another rank may be writing its own)."""
+    listed, todo = {}, []  # folder -> (its PNG names, {PNG name: its temporary files})
+    for s in seeds:
+        d = os.path.dirname(png_path(outdir, s))
+        if d not in listed:
+            names, tmps = set(), {}
+            for n in (os.listdir(d) if os.path.isdir(d) else []):
+                base, sep, _ = n.partition(".tmp")
+                if sep:
+                    tmps.setdefault(base, []).append(n)
+                else:
+                    names.add(n)
+            listed[d] = names, tmps
+        names, tmps = listed[d]
+        name = f"{s:06d}.png"
+        for stale in tmps.pop(name, []):
+            os.remove(os.path.join(d, stale))
+        if name not in names:
+            todo.append(s)
+    return todo
+
+
+def save_png(a, path: str) -> None:
+    """One image (HWC uint8 array) as a PNG, written under a temporary name and renamed: a run killed
+    mid-write leaves no truncated PNG under the final name (the temporary name is no image to FID tools)."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

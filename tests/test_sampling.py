@@ -104,8 +104,9 @@ def test_generate_cli_same_images_for_any_batching(tmp_path):
 def test_generate_on_two_ranks_writes_what_one_process_writes(tmp_path):
     """torchrun with 2 gloo ranks, 7 seeds (rank 0 draws 4, rank 1 draws 3) in batches of 2: every PNG
     and the gathered grid are bitwise those of one process, and both ranks exit (no hang at shutdown,
-    none after an error that every rank reports)."""
+    none after an error that every rank reports); --skip-existing on 2 ranks fills in what is missing."""
     import os
+    import shutil
     import sys
 
     from fdm_fast.nn import build_denoiser
@@ -118,12 +119,12 @@ def test_generate_on_two_ranks_writes_what_one_process_writes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
 
-    def run(ranks, name, *extra):
+    def run(ranks, name, *extra, grid=True):
         launch = [sys.executable] if ranks == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
         cmd = [*launch, "-m", "fdm_fast.generate", "--network", str(snap), "--seeds", "0-6", "--steps", "3",
-               "--batch", "2", "--S-churn", "5", "--outdir", str(tmp_path / name), "--grid",
-               str(tmp_path / f"{name}.png"), *extra]
+               "--batch", "2", "--S-churn", "5", "--outdir", str(tmp_path / name),
+               *(["--grid", str(tmp_path / f"{name}.png")] if grid else []), *extra]
         return run_group(cmd, 300, env=env)
 
     one, two = run(1, "one"), run(2, "two")
@@ -134,6 +135,15 @@ def test_generate_on_two_ranks_writes_what_one_process_writes(tmp_path):
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+    # a 2-rank run cut short: seeds 1 and 5 (rank 1) and 4 (rank 0) missing; --skip-existing draws only those
+    shutil.copytree(tmp_path / "one", tmp_path / "cut")
+    for s in (1, 4, 5):
+        (tmp_path / f"cut/000000/{s:06d}.png").unlink()
+    cut = run(2, "cut", "--skip-existing", grid=False)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    assert "generated 3 images" in cut.stdout and "skipped 4 seeds" in cut.stdout, cut.stdout
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
     bad = run(2, "bad", "--class", "3")  # an unconditional network: each rank says so and returns 2
     assert bad.returncode != 0 and "--class: this network is unconditional" in bad.stderr
 
@@ -340,3 +350,50 @@ def test_ipndm_matches_float64_definition(name, max_order):
     assert err <= 1e-4, err
     with pytest.raises(ValueError, match=r"max_order: expected 1, 2, 3 or 4, got 5"):
         ipndm(gmm, seeds, num_steps=4, max_order=5, device="cpu")
+
+
+def test_generate_skip_existing_continues_a_run_cut_short(tmp_path, monkeypatch, capsys):
+    """A run killed while writing its third PNG leaves two complete PNGs and no truncated one (written under
+    a temporary name, then renamed); --skip-existing generates only the missing seeds, removes the
+    temporary file, and the folder then equals an uninterrupted run's bitwise."""
+    from PIL import Image
+
+    from fdm_fast.generate import main
+    from fdm_fast.nn import build_denoiser
+    from fdm_fast.snapshots import atomic_save
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
+               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
+    torch.manual_seed(0)
+    snap = tmp_path / "snap.pt"
+    atomic_save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), str(snap))
+    args = ["--network", str(snap), "--seeds", "0-5", "--steps", "3", "--batch", "4"]
+    assert main([*args, "--outdir", str(tmp_path / "full")]) == 0
+    real_save, calls = Image.Image.save, []
+
+    def save_then_die(self, fp, *a, **kw):
+        calls.append(fp)
+        real_save(self, fp, *a, **kw)
+        if len(calls) == 3:
+            with open(fp, "r+b") as f:
+                f.truncate(20)  # half-written
+            raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--outdir", str(cut)])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (cut / "000000").iterdir() if p.suffix == ".png") == ["000000.png", "000001.png"]
+    assert any(".tmp" in p.name for p in (cut / "000000").iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in (cut / "000000").glob("*.png")}
+    capsys.readouterr()
+    assert main([*args, "--outdir", str(cut), "--skip-existing"]) == 0
+    assert "generated 4 images" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (cut / "000000").glob("00000[01].png")} == before  # not rewritten
+    assert sorted(p.name for p in (cut / "000000").iterdir()) == [f"{s:06d}.png" for s in range(6)]
+    for s in range(6):
+        assert (cut / f"000000/{s:06d}.png").read_bytes() == (tmp_path / f"full/000000/{s:06d}.png").read_bytes(), s
+    assert main([*args, "--skip-existing", "--grid", str(tmp_path / "g.png"), "--outdir", str(cut)]) == 2
+    assert main([*args, "--skip-existing", "--grid", str(tmp_path / "g.png")]) == 2
+    assert "--skip-existing: expected --outdir without --grid" in capsys.readouterr().err
