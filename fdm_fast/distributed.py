@@ -23,9 +23,9 @@ def init_distributed():
 
 
 def shutdown_distributed(settle_s: float = 0.1) -> None:
-    """Destroy the default process group, if there is one.
+    """Destroy the process groups, if there are any.
 
-    With gloo, first sleep ``settle_s`` (which releases the GIL). In torch 2.6 the Gloo process group's
+    First sleep ``settle_s`` (which releases the GIL), for the gloo groups. In torch 2.6 the Gloo process group's
     destructor keeps the GIL while it joins its worker threads, and a worker that still has to drop the
     last reference to a finished collective's tensor needs the GIL to do it: the process hung at exit,
     after training had finished (fixed upstream by pytorch/pytorch#154976, mid-2025). Under torch 2.6
@@ -33,6 +33,6 @@ def shutdown_distributed(settle_s: float = 0.1) -> None:
     """
     if not torch.distributed.is_initialized():
         return
-    if torch.distributed.get_backend() == "gloo" and settle_s > 0:
+    if settle_s > 0:  # whatever the default backend: train's stop flag has a gloo group beside NCCL's
         time.sleep(settle_s)
     torch.distributed.destroy_process_group()

@@ -615,6 +615,7 @@ class StopRequest:
         self.signum, self.t_first = 0, None
         self.announce, self.repeat_window_s = announce, repeat_window_s
         self._previous = {}
+        self._group = None
 
     def arm(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -640,14 +641,18 @@ class StopRequest:
         elif now - self.t_first > self.repeat_window_s:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: aborted without writing a training state")
 
-    def requested(self, step: int, world: int = 1, device=torch.device("cpu")) -> int:
+    def requested(self, step: int, world: int = 1) -> int:
         """The number of the signal to stop for, or 0 to go on; the same on every rank."""
         if world == 1:
             return self.signum
         if step % STOP_SYNC_STEPS:
             return 0
-        t = torch.tensor([self.signum], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if self._group is None:  # every rank gets here at the same step: a collective call is safe
+            # a CPU (gloo) group of its own: a host flag all-reduced on the CPU, which waits for no GPU
+            # work (a CUDA tensor read back would drain the stream every STOP_SYNC_STEPS steps)
+            self._group = torch.distributed.new_group(backend="gloo")
+        t = torch.tensor([self.signum], dtype=torch.int32)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
         return int(t.item())
 
 
@@ -726,7 +731,7 @@ def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, st
         if bar is not None:
             bar.update(min(o.batch, total_nimg - bar.n))
         done = cur_nimg >= total_nimg
-        stop = 0 if done else stopper.requested(run.step, world, device)
+        stop = 0 if done else stopper.requested(run.step, world)
         if cur_nimg >= next_tick or done or stop:
             if world > 1:
                 t = torch.stack([tick_loss, torch.full((), float(tick_n), dtype=torch.float64, device=device)])
