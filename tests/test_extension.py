@@ -93,7 +93,8 @@ def test_regenerating_backward_op_matches_reference(poison):
 
 def _cpu_flags() -> set:
     try:
-        return {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]}
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return {f for line in lines if line.startswith("flags") for f in line.split()[2:]}
     except OSError:
         return set()
 
