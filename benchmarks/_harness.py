@@ -20,7 +20,9 @@ def machine_name(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     model = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            lines = f.readlines()
+        for line in lines:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break

@@ -147,7 +147,9 @@ def read_metric_records(stats_path: str, metric: Optional[str] = None) -> list[d
     out = []
     if not os.path.isfile(stats_path):
         return out
-    for line in open(stats_path):
+    with open(stats_path) as f:
+        lines = f.readlines()
+    for line in lines:
         try:
             rec = json.loads(line)
         except ValueError:

@@ -429,7 +429,9 @@ def _truncate_stats(path: str, step: int) -> None:
     if not os.path.isfile(path):
         return
     keep = []
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)

@@ -109,10 +109,12 @@ def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, rank
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+                p.stderr.close()
                 kills += 1
                 continue
         _wait_or_kill_group(p, 300)
         err = p.stderr.read().decode()
+        p.stderr.close()
         assert p.returncode == 0, err[-3000:]
         break
     got = _final_weights(soak_dir)
@@ -133,7 +135,7 @@ def _stats_rows(outdir):
 
 def _worker_of_rank(torchrun_pid, rank):
     """The pid of torchrun's worker process with RANK=rank (from /proc)."""
-    for child in open(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read().split():
+    for child in Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split():
         with open(f"/proc/{child}/environ", "rb") as f:
             if f"RANK={rank}".encode() in f.read().split(b"\0"):
                 return int(child)

@@ -143,7 +143,7 @@ def test_global_order_is_epochs_of_permutations_and_slices_freely():
 def test_loss_falls_on_digits(tmp_path):
     o = tiny_options(tmp_path, "--kimg", "6.4", "--tick", "0.32", "--lr", "3e-3")
     training_loop(o, quiet=True)
-    stats = [json.loads(line) for line in open(tmp_path / "stats.jsonl")]
+    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     first = sum(s["loss"] for s in stats[:4]) / 4
     last = sum(s["loss"] for s in stats[-4:]) / 4
     assert last < 0.8 * first, (first, last)
@@ -321,7 +321,7 @@ def test_evaluation_during_training_changes_nothing_and_is_logged(tmp_path):
         assert torch.equal(p, q), k
     for p, q in zip(plain["ema"].state_dict().values(), evald["ema"].state_dict().values()):
         assert torch.equal(p, q)
-    recs = [json.loads(line) for line in open(tmp_path / "b" / "stats.jsonl")]
+    recs = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
     metric = [r for r in recs if "metric" in r]
     assert [round(r["kimg"], 3) for r in metric] == [0.064, 0.128, 0.192]  # batch 32: every 2 steps
     for r in metric:
