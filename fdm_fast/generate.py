@@ -147,6 +147,10 @@ def main(argv=None) -> int:
     init_distributed()
     try:
         return _generate(args, seeds, fused_edm)
+    except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
+        print("\ninterrupted: " + (f"every PNG in {args.outdir} is complete; the same command with --skip-existing "
+                                    "finishes it" if args.outdir else "no grid was written"), file=sys.stderr)
+        return 130
     finally:  # on every rank, errors included (a process group left to the interpreter's exit can hang there)
         if ours:
             shutdown_distributed()

@@ -620,9 +620,12 @@ class StopRequest:
         self._group = None
 
     def arm(self) -> "StopRequest":
+        """Install the handlers, except for a signal the process was told to ignore (``nohup``, or a
+        background job of a script, where the shell sets SIGINT to SIG_IGN): that one stays ignored."""
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for s in self.SIGNALS:
-                self._previous.setdefault(s, signal.signal(s, self._handle))
+                if s not in self._previous and signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __enter__(self):

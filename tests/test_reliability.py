@@ -114,7 +114,19 @@ def test_generate_refuses_bad_network_files(tmp_path, capsys, content, message):
     assert not (tmp_path / "g.png").exists()
 
 
-def test_sigint_stops_after_the_step_with_a_training_state_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def default_signals():
+    """SIGINT and SIGTERM as an interactive shell leaves them, restored afterwards: pytest started as a
+    background job of a script has SIGINT ignored, and StopRequest leaves an ignored signal ignored."""
+    old = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                (signal.SIGTERM, signal.SIG_DFL))}
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def test_sigint_stops_after_the_step_with_a_training_state_and_resume_is_exact(tmp_path, monkeypatch, capsys,
+                                                                                default_signals):
     args = ("--kimg", "0.192", "--ckpt", "100", "--snap", "100")  # 6 steps of 32; no periodic checkpoint
     full = training_loop(tiny_options(tmp_path / "full", *args), quiet=True)
     real_step = train.train_step
@@ -135,7 +147,7 @@ def test_sigint_stops_after_the_step_with_a_training_state_and_resume_is_exact(t
     assert [os.path.basename(p) for p in snapshots.checkpoints(str(run))] == ["training-state-00000003.pt"]
     assert "stopped by SIGINT after step 3" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()][-1] == 3
-    monkeypatch.undo()
+    monkeypatch.setattr(train, "train_step", real_step)
     resumed = training_loop(tiny_options(run, *args, "--resume", "auto"), quiet=True)
     assert resumed["step"] == 6 and resumed["stopped_by"] is None and train.exit_status(resumed) == 0
     for k, v in full["net"].state_dict().items():
@@ -144,7 +156,7 @@ def test_sigint_stops_after_the_step_with_a_training_state_and_resume_is_exact(t
         assert torch.equal(v, resumed["ema"].state_dict()[k]), k
 
 
-def test_a_later_second_signal_aborts_at_once_and_handlers_are_restored():
+def test_a_later_second_signal_aborts_at_once_and_handlers_are_restored(default_signals):
     before = signal.getsignal(signal.SIGTERM)
     with train.StopRequest(repeat_window_s=0.05) as stop:
         assert stop.requested(1) == 0
@@ -156,3 +168,15 @@ def test_a_later_second_signal_aborts_at_once_and_handlers_are_restored():
         with pytest.raises(KeyboardInterrupt, match="aborted"):
             signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_ignored_signal_stays_ignored(default_signals):
+    # nohup, or a script's background job (SIGINT set to SIG_IGN by the shell): not ours to catch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with train.StopRequest() as stop:
+        stop.arm()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested(1) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

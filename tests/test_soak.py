@@ -128,6 +128,13 @@ def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, rank
     print(f"{ranks} rank(s): {kills} kills, the run took {whole:.1f} s uninterrupted")
 
 
+def _default_signals():
+    """In the child, before exec: SIGINT and SIGTERM as an interactive shell leaves them. pytest run as a
+    background job of a script has SIGINT ignored, children inherit that, and training respects it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _stats_rows(outdir):
     path = outdir / "stats.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -151,7 +158,8 @@ def test_a_signal_stops_the_run_with_a_training_state_and_resume_is_exact(tmp_pa
     # no periodic checkpoint (--ckpt beyond the run): the one training state must come from the stop
     cmd = _cmd(tmp_path, ranks, run, "--ckpt", "100", "--snap", "100", "--tick", "0.016")
     with open(tmp_path / "stop.err", "wb") as err:
-        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                             preexec_fn=_default_signals)
         t_end = time.time() + 120
         while p.poll() is None and _stats_rows(run) < 3 and time.time() < t_end:  # a row per step
             time.sleep(0.005)
