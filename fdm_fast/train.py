@@ -620,8 +620,8 @@ class StopRequest:
         self._group = None
 
     def arm(self) -> "StopRequest":
-        """Install the handlers, except for a signal the process was told to ignore (``nohup``, or a
-        background job of a script, where the shell sets SIGINT to SIG_IGN): that one stays ignored."""
+        """Install the handlers, except for a signal the process was started ignoring (a background job of
+        a script, ``cmd &``, where the shell sets SIGINT to SIG_IGN): that one stays ignored."""
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for s in self.SIGNALS:
                 if s not in self._previous and signal.getsignal(s) is not signal.SIG_IGN:

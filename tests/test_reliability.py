@@ -171,7 +171,7 @@ def test_a_later_second_signal_aborts_at_once_and_handlers_are_restored(default_
 
 
 def test_an_ignored_signal_stays_ignored(default_signals):
-    # nohup, or a script's background job (SIGINT set to SIG_IGN by the shell): not ours to catch
+    # a script's background job (the shell sets its SIGINT to SIG_IGN): not ours to catch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with train.StopRequest() as stop:
         stop.arm()
