@@ -1,9 +1,9 @@
 """Soak: a short training run killed with SIGKILL at random moments (during checkpoint writes too,
 a checkpoint every step) and restarted with --resume auto until it finishes, for 1 process and for
 2 gloo ranks under torchrun; the final weights must equal an uninterrupted run's bitwise, and no
-temporary file or orphan checksum may remain. Also the graceful stop: SIGTERM to one process, and
-Ctrl-C to torchrun's whole process group (so each worker gets SIGINT twice), end the run after one
-step with a training state, and --resume auto finishes it bitwise equal to the uninterrupted run."""
+temporary file or orphan checksum may remain. Also the graceful stop: SIGTERM to one process,
+Ctrl-C to torchrun's whole process group (so each worker gets SIGINT twice), and SIGTERM to rank 1
+alone end the run with one training state, and --resume auto finishes it bitwise equal to the uninterrupted run."""
 
 import os
 import random
@@ -63,14 +63,15 @@ def _wait_or_kill_group(p, timeout):
 
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-_REFERENCE = {}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """reference(ranks): (final weights, seconds) of an uninterrupted run, run once per module."""
+    cache = {}
+
     def get(ranks):
-        if ranks not in _REFERENCE:
+        if ranks not in cache:
             tmp = tmp_path_factory.mktemp(f"reference{ranks}")
             t0 = time.time()
             with open(tmp / "ref.err", "wb") as err:  # a file, not a pipe nobody reads while it runs
@@ -78,15 +79,14 @@ def reference(tmp_path_factory):
                                        start_new_session=True)
                 _wait_or_kill_group(ref, 300)
             assert ref.returncode == 0, (tmp / "ref.err").read_text()[-3000:]
-            _REFERENCE[ranks] = _final_weights(tmp / "ref"), time.time() - t0
-        return _REFERENCE[ranks]
+            cache[ranks] = _final_weights(tmp / "ref"), time.time() - t0
+        return cache[ranks]
     return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, ranks, reference):
-    env = ENV
     soak_dir = tmp_path / "soak"
     want, whole = reference(ranks)
     rng = random.Random(f"soak-{ranks}-{os.environ.get('FDM_FAST_SOAK_SEED', '0')}")  # another seed: other kill points
@@ -98,7 +98,7 @@ def test_kill_9_and_resume_until_done_equals_an_uninterrupted_run(tmp_path, rank
 
     while True:
         start = newest_step()
-        p = subprocess.Popen(_cmd(tmp_path, ranks, soak_dir), env=env, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen(_cmd(tmp_path, ranks, soak_dir), env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
         if kills < max_kills:
             # let it write a few checkpoints, then kill within the next 50 ms: often mid-write
