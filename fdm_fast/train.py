@@ -596,7 +596,19 @@ def write_checkpoint(run: Run) -> str:
     return path
 
 
-STOP_SYNC_STEPS = 10  # with several ranks: how often they agree on a stop request (one small all-reduce)
+# With several ranks: how often they agree on a stop request (one small all-reduce). About every
+# STOP_SYNC_S seconds, and at most every STOP_SYNC_STEPS steps: fast steps share one agreement, a slow
+# step (a big model, accumulation rounds) gets one after every step, so a stop never waits for many of
+# them (torchrun SIGKILLs its workers 30 s after passing a signal on, by default).
+STOP_SYNC_STEPS = 10
+STOP_SYNC_S = 1.0
+
+
+def stop_sync_interval(step_s: float) -> int:
+    """Steps until the next agreement on a stop request, given the slowest rank's seconds per step."""
+    if not step_s > 0:  # nothing measured yet (or a clock that did not move)
+        return 1
+    return max(1, min(STOP_SYNC_STEPS, int(STOP_SYNC_S / step_s)))
 
 
 class StopRequest:
@@ -606,9 +618,10 @@ class StopRequest:
     A repeat of a signal within ``repeat_window_s`` of the first is ignored: torchrun passes the
     terminal's Ctrl-C on to its workers, which the terminal has already signalled, so each worker sees
     it twice. A later repeat aborts at once (KeyboardInterrupt, Python's own behaviour), for a step
-    that does not finish. With several ranks the request is all-reduced every STOP_SYNC_STEPS steps,
-    so all ranks stop after the same step, whichever of them got the signal; one process checks every
-    step and communicates nothing. Handlers are installed by ``arm()`` (just before the first step)
+    that does not finish. With several ranks the request is all-reduced after the first step and then
+    about every STOP_SYNC_S seconds (every 1 to STOP_SYNC_STEPS steps, from the slowest rank's step
+    time, itself all-reduced, so every rank agrees on the steps), so all ranks stop after the same
+    step, whichever of them got the signal; one process checks every step and communicates nothing. Handlers are installed by ``arm()`` (just before the first step)
     and the previous ones restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -618,6 +631,8 @@ class StopRequest:
         self.announce, self.repeat_window_s = announce, repeat_window_s
         self._previous = {}
         self._group = None
+        self._next_sync = None  # with several ranks: the step of the next agreement (None: the first step)
+        self._synced = None  # (step, time.monotonic()) of the last agreement
 
     def arm(self) -> "StopRequest":
         """Install the handlers, except for a signal the process was started ignoring (a background job of
@@ -647,18 +662,24 @@ class StopRequest:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: aborted without writing a training state")
 
     def requested(self, step: int, world: int = 1) -> int:
-        """The number of the signal to stop for, or 0 to go on; the same on every rank."""
+        """The number of the signal to stop for, or 0 to go on; the same on every rank. Called after every
+        step, by every rank, with the same ``step``."""
         if world == 1:
             return self.signum
-        if step % STOP_SYNC_STEPS:
+        if self._next_sync is not None and step < self._next_sync:
             return 0
         if self._group is None:  # every rank gets here at the same step: a collective call is safe
             # a CPU (gloo) group of its own: a host flag all-reduced on the CPU, which waits for no GPU
-            # work (a CUDA tensor read back would drain the stream every STOP_SYNC_STEPS steps)
+            # work (a CUDA tensor read back would drain the stream at every agreement)
             self._group = torch.distributed.new_group(backend="gloo")
-        t = torch.tensor([self.signum], dtype=torch.int32)
+        now = time.monotonic()
+        step_s = (now - self._synced[1]) / max(step - self._synced[0], 1) if self._synced else 0.0
+        t = torch.tensor([float(self.signum), step_s], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
-        return int(t.item())
+        signum, step_s = int(t[0]), float(t[1])  # the same on every rank, and so is the next step below
+        self._next_sync = step + stop_sync_interval(step_s)
+        self._synced = (step, time.monotonic())
+        return signum
 
 
 def _announce(msg: str) -> None:

@@ -180,3 +180,36 @@ def test_an_ignored_signal_stays_ignored(default_signals):
         signal.raise_signal(signal.SIGINT)
         assert stop.requested(1) == 0
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("step_s, expected, stop_at", [
+    (0.05, [1, 2, 12, 22, 32], 42),  # fast steps: one agreement per STOP_SYNC_STEPS (10) steps
+    (0.3, [1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35], 38),  # about every STOP_SYNC_S (1 s): every 3 steps
+    (2.5, list(range(1, 36)), 36),  # slow steps: after every step, so a stop waits for one step, not ten
+])
+def test_ranks_agree_on_a_stop_about_every_second_and_on_the_same_steps(monkeypatch, step_s, expected, stop_at):
+    """The schedule of the stop agreements with several ranks: the first after the first step, then from
+    the slowest rank's measured step time, which comes out of the all-reduce (faked here: the other rank
+    is 1.5x slower than this one, and its time must be the one used). A signal the other rank got after
+    step 35 reaches this one at the next agreement."""
+    now, step, agreed = [100.0], 0, []
+
+    def all_reduce(t, op, group):
+        assert op == torch.distributed.ReduceOp.MAX and group == "gloo group" and t.dtype == torch.float64
+        t[0] = max(float(t[0]), signal.SIGTERM if step > 35 else 0)  # the other rank's flag
+        t[1] = 1.5 * float(t[1])  # the other rank's step time
+        agreed.append(step)
+
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: f"{backend} group")
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+    stop = train.StopRequest()
+    while True:
+        step += 1
+        now[0] += step_s / 1.5  # this rank's step; the other rank's (step_s) is slower
+        got = stop.requested(step, world=2)
+        if got:
+            break
+        assert step < 60
+    assert got == signal.SIGTERM and step == stop_at
+    assert agreed == expected + [stop_at], agreed
