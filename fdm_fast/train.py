@@ -404,7 +404,7 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
     model = net.model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None, broadcast_buffers=False)
+                                                          else None, **_ddp_no_buffer_sync())
         model.register_comm_hook(None, _ordered_sum_hook if o.exact_reduce else _sum_hook)
     if o.compile:
         model = torch.compile(model)
@@ -441,6 +441,16 @@ def _truncate_stats(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def _ddp_no_buffer_sync() -> dict:
+    """DDP's keyword for "no buffer broadcast before each forward" (the buffers are constants: resampling
+    filters, Fourier frequencies): ``forward_sync_buffers`` where DDP has it (torch 2.13, where
+    ``broadcast_buffers`` is deprecated with a FutureWarning), else ``broadcast_buffers``."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return dict(forward_sync_buffers=False) if "forward_sync_buffers" in params else dict(broadcast_buffers=False)
 
 
 def _sum_hook(state, bucket):
