@@ -26,12 +26,11 @@ from .metrics.inception import INCEPTION_FILE, FIDError, features, inception_wei
 
 
 def _image_batches(path: str, batch: int):
+    """(number of images, an iterator over uint8 batches) of a folder or zip (read in full first)."""
     from .data import ImageFolderDataset
 
-    ds = ImageFolderDataset(path, use_labels=False)
-    imgs = ds.images_as_tensor()
-    for i in range(0, len(imgs), batch):
-        yield imgs[i:i + batch]
+    imgs = ImageFolderDataset(path, use_labels=False).images_as_tensor()
+    return len(imgs), (imgs[i:i + batch] for i in range(0, len(imgs), batch))
 
 
 def _generated_batches(network: str, num: int, batch: int, steps: int, device):
@@ -79,14 +78,17 @@ def main(argv=None) -> int:
             raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
         extractor = load_inception(args.inception, device)
         if args.cmd == "ref":
-            mu, sigma = statistics(features(extractor, _image_batches(args.data, args.batch), device))
+            num, batches = _image_batches(args.data, args.batch)
+            mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid ref"))
             os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
             np.savez(args.dest, mu=mu, sigma=sigma)
             print(f"wrote {args.dest}")
             return 0
-        batches = _image_batches(args.images, args.batch) if args.images else \
-            _generated_batches(args.network, args.num, args.batch, args.steps, device)
-        mu, sigma = statistics(features(extractor, batches, device))
+        if args.images:
+            num, batches = _image_batches(args.images, args.batch)
+        else:
+            num, batches = args.num, _generated_batches(args.network, args.num, args.batch, args.steps, device)
+        mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid calc"))
         ref = np.load(args.ref)
         print(f"FID {frechet_distance(mu, sigma, ref['mu'], ref['sigma']):.4f}")
         return 0

@@ -74,3 +74,66 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
     rows = sampler_speed.nfe_fid(args, torch.device("cpu"), extractor=stand_in)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [(s, n) for s in solvers.SOLVERS for n in (3, 5)]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+
+
+def test_fid_cli_ref_and_calc_end_to_end_with_a_stand_in_extractor(tmp_path, monkeypatch, capsys):
+    """`fid ref` then `fid calc` (on the same images, on generated ones, and on a folder of generate's
+    PNGs in subfolders) through the CLI's own code, the Inception network replaced by a fixed random
+    projection (its weights cannot be had here): the .npz holds the features' mean and covariance in
+    float64, the same images score 0, and each pass shows a progress bar in images."""
+    import torch
+    from PIL import Image
+
+    from fdm_fast import fid
+    from fdm_fast.nn import build_denoiser
+
+    proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seen = []
+
+    def stand_in(x):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 8, 8)  # grayscale repeated to RGB
+        seen.append(len(x))
+        return (x.double().reshape(len(x), -1) / 255) @ proj
+
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: stand_in)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    imgs = rng.integers(0, 256, (45, 8, 8), dtype=np.uint8)
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(data / f"img{i:03d}.png")
+    ref = tmp_path / "refs" / "ref.npz"
+    assert fid.main(["ref", "--data", str(data), "--dest", str(ref), "--batch", "20"]) == 0
+    assert seen == [20, 20, 5]
+    want = (torch.from_numpy(imgs).double().reshape(45, -1).repeat(1, 3) / 255 @ proj).numpy()
+    with np.load(ref) as z:
+        assert z["mu"].dtype == np.float64 and z["sigma"].shape == (16, 16)
+        np.testing.assert_allclose(z["mu"], want.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(z["sigma"], np.cov(want, rowvar=False), rtol=1e-10)
+    err = capsys.readouterr().err
+    assert "fid ref" in err and "45/45" in err, err
+
+    assert fid.main(["calc", "--images", str(data), "--ref", str(ref)]) == 0
+    out, err = capsys.readouterr()
+    assert float(out.split("FID ")[1]) == pytest.approx(0.0, abs=1e-6) and "fid calc" in err and "45/45" in err
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
+               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
+    torch.manual_seed(0)
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), tmp_path / "snap.pt")
+    with pytest.warns(UserWarning, match="no checksum file"):
+        assert fid.main(["calc", "--network", str(tmp_path / "snap.pt"), "--num", "7", "--steps", "2",
+                         "--batch", "4", "--ref", str(ref)]) == 0
+    out, err = capsys.readouterr()
+    assert float(out.split("FID ")[1]) > 0 and "7/7" in err
+
+    nested = tmp_path / "out" / "000000"  # generate's layout: 1000 PNGs per subfolder
+    nested.mkdir(parents=True)
+    for i, a in enumerate(imgs[:30]):
+        Image.fromarray(a).save(nested / f"{i:06d}.png")
+    (nested / "000030.png.tmp123").write_bytes(b"a killed run's partial PNG")  # not an image: skipped
+    assert fid.main(["calc", "--images", str(tmp_path / "out"), "--ref", str(ref)]) == 0
+    out, err = capsys.readouterr()
+    assert float(out.split("FID ")[1]) > 0 and "30/30" in err
+    assert fid.main(["calc", "--images", str(tmp_path / "refs"), "--ref", str(ref)]) == 2  # no images in it
+    assert "contains no images" in capsys.readouterr().err

@@ -44,12 +44,25 @@ def load_inception(path: Optional[str], device):
 
 
 @torch.no_grad()
-def features(extractor, batches: Iterable[torch.Tensor], device) -> np.ndarray:
-    """2048-d features of uint8 image batches [B, C, H, W] (grayscale repeated to RGB)."""
+def features(extractor, batches: Iterable[torch.Tensor], device, *, total: Optional[int] = None,
+             desc: Optional[str] = None) -> np.ndarray:
+    """2048-d features of uint8 image batches [B, C, H, W] (grayscale repeated to RGB). With ``desc``, a
+    progress bar in images (of ``total``) on stderr."""
+    bar = None
+    if desc is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc=desc, mininterval=1.0, dynamic_ncols=True)
     out = []
-    for x in batches:
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        f = extractor(x.to(device))
-        out.append((f[0] if isinstance(f, (tuple, list)) else f).double().cpu().numpy())
+    try:
+        for x in batches:
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            f = extractor(x.to(device))
+            out.append((f[0] if isinstance(f, (tuple, list)) else f).double().cpu().numpy())
+            if bar is not None:
+                bar.update(len(x))
+    finally:
+        if bar is not None:
+            bar.close()
     return np.concatenate(out)
