@@ -4,7 +4,7 @@
     python -m fdm_fast.fid calc --images out/ --ref fid-refs/cifar10-32x32.npz
     python -m fdm_fast.fid calc --network runs/.../network-snapshot-010000.pt --num 50000 --steps 18 --ref ...
 
-``calc --network`` samples seeds 0..num-1 with EDM's Heun sampler on one device, in memory. For another
+``calc --network`` samples seeds 0..num-1 with EDM's Heun sampler on one device, writing no images. For another
 solver, guidance, several GPUs (torchrun) or a run that can be cut and finished later, write the images
 with ``python -m fdm_fast.generate --outdir OUT [--skip-existing]`` and use ``calc --images OUT``.
 
