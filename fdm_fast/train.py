@@ -631,8 +631,9 @@ class StopRequest:
     that does not finish. With several ranks the request is all-reduced after the first step and then
     about every STOP_SYNC_S seconds (every 1 to STOP_SYNC_STEPS steps, from the slowest rank's step
     time, itself all-reduced, so every rank agrees on the steps), so all ranks stop after the same
-    step, whichever of them got the signal; one process checks every step and communicates nothing. Handlers are installed by ``arm()`` (just before the first step)
-    and the previous ones restored on exit."""
+    step, whichever of them got the signal; one process checks every step and communicates nothing.
+    Handlers are installed by ``arm()`` (just before the first step) and the previous ones restored on
+    exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
