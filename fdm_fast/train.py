@@ -376,9 +376,11 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
             raise SystemExit(f"error: --resume {e}") from None
     if state is not None:
         if normalise_config(state["config"]) != normalise_config(config):
+            diff = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} in this run"
+                             for k, a, b in config_differences(normalise_config(state["config"]),
+                                                               normalise_config(config)))
             raise SystemExit(f"error: --resume {resume}: the checkpoint's network/precond config differs from this "
-                             f"run's:\n  checkpoint: {normalise_config(state['config'])}\n"
-                             f"  this run:   {normalise_config(config)}")
+                             f"run's (give the options it was trained with, or a new --outdir):\n{diff}")
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -441,6 +443,16 @@ def _truncate_stats(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def config_differences(a: dict, b: dict, prefix: str = ""):
+    """(dotted key, value in a, value in b) for every leaf where two nested config dicts differ."""
+    for k in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            yield from config_differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            yield f"{prefix}{k}", va, vb
 
 
 def _ddp_no_buffer_sync() -> dict:

@@ -213,3 +213,18 @@ def test_ranks_agree_on_a_stop_about_every_second_and_on_the_same_steps(monkeypa
         assert step < 60
     assert got == signal.SIGTERM and step == stop_at
     assert agreed == expected + [stop_at], agreed
+
+
+def test_resume_with_another_config_names_each_difference(tmp_path):
+    _run(tmp_path, steps=1)
+    o = tiny_options(tmp_path, "--kimg", "100", "--precond", "edm", "--resume", "auto")
+    o.network = dict(o.network, model_channels=8)
+    with pytest.raises(SystemExit) as e:
+        training_loop(o, quiet=True, stop_after_steps=1)
+    msg = str(e.value)
+    assert "training-state-00000001.pt: the checkpoint's network/precond config differs" in msg, msg
+    lines = msg.splitlines()[1:]
+    assert lines == ["  network.model_channels: 16 in the checkpoint, 8 in this run",
+                     "  precond: 'fdm_edm' in the checkpoint, 'edm' in this run"], msg
+    assert list(train.config_differences({"a": {"b": 1}}, {"a": {}, "c": [2]})) == [
+        ("a.b", 1, "<absent>"), ("c", "<absent>", [2])]
