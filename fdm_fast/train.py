@@ -639,8 +639,12 @@ class StopRequest:
 
     A repeat of a signal within ``repeat_window_s`` of the first is ignored: torchrun passes the
     terminal's Ctrl-C on to its workers, which the terminal has already signalled, so each worker sees
-    it twice. A later repeat aborts at once (KeyboardInterrupt, Python's own behaviour), for a step
-    that does not finish. With several ranks the request is all-reduced after the first step and then
+    it twice. A later repeat during the step aborts at once (KeyboardInterrupt, Python's own
+    behaviour), for a step that does not finish. Once the stop is decided (``requested`` returned a
+    signal) the step is done and the state is being written: repeats are then ignored, since aborting
+    would only lose that state (torchrun SIGTERMs the workers still running as soon as one of them exits
+    with a non-zero status, which a stopping rank does), and ``all_stopped`` keeps every rank alive until
+    rank 0 has written it. With several ranks the request is all-reduced after the first step and then
     about every STOP_SYNC_S seconds (every 1 to STOP_SYNC_STEPS steps, from the slowest rank's step
     time, itself all-reduced, so every rank agrees on the steps), so all ranks stop after the same
     step, whichever of them got the signal; one process checks every step and communicates nothing.
@@ -651,6 +655,7 @@ class StopRequest:
 
     def __init__(self, announce=lambda msg: None, repeat_window_s: float = 1.0):
         self.signum, self.t_first = 0, None
+        self.finishing = False  # the stop is decided: the state is being written, repeats are ignored
         self.announce, self.repeat_window_s = announce, repeat_window_s
         self._previous = {}
         self._group = None
@@ -677,17 +682,22 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         now = time.monotonic()
-        if not self.signum:
+        name = signal.Signals(signum).name
+        if self.finishing:
+            self.announce(f"{name} again: the step is done and the training state is being written; "
+                          "not interrupting that (SIGKILL would lose it)")
+        elif not self.signum:
             self.signum, self.t_first = signum, now
-            self.announce(f"{signal.Signals(signum).name}: stopping after this step and writing a training state "
-                          "(--resume auto continues from it); a second Ctrl-C aborts at once, without one")
+            self.announce(f"{name}: stopping after this step and writing a training state (--resume auto "
+                          "continues from it); a second Ctrl-C during the step aborts at once, without one")
         elif now - self.t_first > self.repeat_window_s:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: aborted without writing a training state")
+            raise KeyboardInterrupt(f"{name} again: aborted without writing a training state")
 
     def requested(self, step: int, world: int = 1) -> int:
         """The number of the signal to stop for, or 0 to go on; the same on every rank. Called after every
         step, by every rank, with the same ``step``."""
         if world == 1:
+            self.finishing = bool(self.signum)
             return self.signum
         if self._next_sync is not None and step < self._next_sync:
             return 0
@@ -702,7 +712,17 @@ class StopRequest:
         signum, step_s = int(t[0]), float(t[1])  # the same on every rank, and so is the next step below
         self._next_sync = step + stop_sync_interval(step_s)
         self._synced = (step, time.monotonic())
+        if signum:
+            self.signum = self.signum or signum  # a rank that got no signal itself stops for its peer's
+            self.finishing = True
         return signum
+
+    def all_stopped(self, world: int) -> None:
+        """After a stop, wait until every rank is here (rank 0 has written the training state), so that
+        none exits before it: torchrun would SIGTERM the others at once and SIGKILL them 30 s later
+        (its --shutdown-timeout), however far the write had got. One process: nothing to wait for."""
+        if world > 1 and self._group is not None:
+            torch.distributed.barrier(group=self._group)
 
 
 def _announce(msg: str) -> None:
@@ -814,6 +834,7 @@ def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, st
             ckpt_path = write_checkpoint(run)
             next_ckpt += o.ckpt * 1000
         if stop:
+            stopper.all_stopped(world)
             break
     if bar is not None:
         bar.close()

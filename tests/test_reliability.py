@@ -2,6 +2,7 @@
 stale temp files removed, stats.jsonl read as one run, snapshot names never collide, and generate
 refuses bad network files with a message."""
 
+import functools
 import json
 import os
 import signal
@@ -156,18 +157,54 @@ def test_sigint_stops_after_the_step_with_a_training_state_and_resume_is_exact(t
         assert torch.equal(v, resumed["ema"].state_dict()[k]), k
 
 
-def test_a_later_second_signal_aborts_at_once_and_handlers_are_restored(default_signals):
+def test_a_later_second_signal_during_the_step_aborts_at_once_and_handlers_are_restored(default_signals):
     before = signal.getsignal(signal.SIGTERM)
     with train.StopRequest(repeat_window_s=0.05) as stop:
         assert stop.requested(1) == 0
         stop.arm()
         signal.raise_signal(signal.SIGTERM)
-        assert stop.requested(2) == signal.SIGTERM
         signal.raise_signal(signal.SIGTERM)  # within the window: still stopping gracefully
         time.sleep(0.1)
         with pytest.raises(KeyboardInterrupt, match="aborted"):
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # the step is not done: abort
     assert signal.getsignal(signal.SIGTERM) == before
+    with train.StopRequest(repeat_window_s=0.05) as stop:
+        stop.arm()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested(2) == signal.SIGTERM and stop.finishing  # the step is done: the state is next
+        time.sleep(0.1)
+        signal.raise_signal(signal.SIGTERM)  # ignored: aborting now would only lose the state
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested(2) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_while_the_state_is_written_does_not_lose_it(tmp_path, monkeypatch, capfd, default_signals):
+    """What torchrun does when a stopping rank exits first: SIGTERM to the ranks still running, one of
+    them rank 0 writing the training state, after the repeat window. The write goes on."""
+    monkeypatch.setattr(train, "StopRequest", functools.partial(train.StopRequest, repeat_window_s=0.05))
+    real_step, real_write = train.train_step, train.write_checkpoint
+
+    def step_then_sigterm(run):
+        loss = real_step(run)
+        if run.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return loss
+
+    def write_after_sigterm(run):
+        time.sleep(0.1)
+        signal.raise_signal(signal.SIGTERM)
+        return real_write(run)
+
+    monkeypatch.setattr(train, "train_step", step_then_sigterm)
+    monkeypatch.setattr(train, "write_checkpoint", write_after_sigterm)
+    run = tmp_path / "run"
+    res = training_loop(tiny_options(run, "--kimg", "0.192", "--ckpt", "100", "--snap", "100"), quiet=True)
+    assert res["stopped_by"] == signal.SIGTERM and res["step"] == 2 and train.exit_status(res) == 143
+    assert [os.path.basename(p) for p in snapshots.checkpoints(str(run))] == ["training-state-00000002.pt"]
+    err = capfd.readouterr().err
+    assert "SIGTERM again: the step is done and the training state is being written" in err, err
+    assert "stopped by SIGTERM after step 2" in err, err
 
 
 def test_an_ignored_signal_stays_ignored(default_signals):

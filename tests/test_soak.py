@@ -2,8 +2,9 @@
 a checkpoint every step) and restarted with --resume auto until it finishes, for 1 process and for
 2 gloo ranks under torchrun; the final weights must equal an uninterrupted run's bitwise, and no
 temporary file or orphan checksum may remain. Also the graceful stop: SIGTERM to one process,
-Ctrl-C to torchrun's whole process group (so each worker gets SIGINT twice), and SIGTERM to rank 1
-alone end the run with one training state, and --resume auto finishes it bitwise equal to the uninterrupted run."""
+Ctrl-C to torchrun's whole process group (so each worker gets SIGINT twice), SIGTERM to rank 1
+alone, and SIGTERM to both workers with a slow state write end the run with one training state, and
+--resume auto finishes it bitwise equal to the uninterrupted run."""
 
 import os
 import random
@@ -20,9 +21,14 @@ from fdm_fast import snapshots
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
-import sys, torch
+import os, sys, time, torch
+import fdm_fast.train
 from fdm_fast.distributed import shutdown_distributed
 from fdm_fast.train import exit_status, init_distributed, parse_args, resolve, training_loop
+slow = float(os.environ.get("SOAK_SLOW_WRITE_S", "0"))  # for the test: a training state that takes long to write
+if slow:
+    real_write = fdm_fast.train.write_checkpoint
+    fdm_fast.train.write_checkpoint = lambda run: (time.sleep(slow), real_write(run))[1]
 o = resolve(parse_args(sys.argv[1:]))
 o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.channel_mult = (1, 2)
 rank, world, device = init_distributed()
@@ -153,14 +159,19 @@ def _worker_of_rank(torchrun_pid, rank):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, sig, target", [(1, signal.SIGTERM, "process"), (2, signal.SIGINT, "group"),
-                                                (2, signal.SIGTERM, "rank 1")])
+                                                (2, signal.SIGTERM, "rank 1"), (2, signal.SIGTERM, "workers")])
 def test_a_signal_stops_the_run_with_a_training_state_and_resume_is_exact(tmp_path, ranks, sig, target, reference):
+    """"workers": both workers get the signal and torchrun does not (a scheduler that signals the
+    training processes), and the training state takes 3 s to write: rank 1 must not exit before rank 0
+    has written it (its line comes after rank 0's message), since torchrun SIGTERMs the other workers as
+    soon as one exits with an error status and SIGKILLs them 30 s later, whatever they are doing."""
     want, _ = reference(ranks)
     run = tmp_path / "run"
     # no periodic checkpoint (--ckpt beyond the run): the one training state must come from the stop
     cmd = _cmd(tmp_path, ranks, run, "--ckpt", "100", "--snap", "100", "--tick", "0.016")
+    env = ENV if target != "workers" else dict(ENV, SOAK_SLOW_WRITE_S="3")
     with open(tmp_path / "stop.err", "wb") as err:
-        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                              preexec_fn=_default_signals)
         t_end = time.time() + 120
         while p.poll() is None and _stats_rows(run) < 3 and time.time() < t_end:  # a row per step
@@ -170,6 +181,9 @@ def test_a_signal_stops_the_run_with_a_training_state_and_resume_is_exact(tmp_pa
             p.send_signal(sig)  # a scheduler's SIGTERM
         elif target == "group":
             os.killpg(p.pid, sig)  # a terminal's Ctrl-C: torchrun and both workers, which torchrun signals again
+        elif target == "workers":
+            for r in range(ranks):
+                os.kill(_worker_of_rank(p.pid, r), sig)
         else:  # one worker only, not the one that writes files: rank 0 must learn of it and stop at the same step
             os.kill(_worker_of_rank(p.pid, 1), sig)
         _wait_or_kill_group(p, 120)  # a rank left waiting in a collective would hang here
@@ -184,6 +198,8 @@ def test_a_signal_stops_the_run_with_a_training_state_and_resume_is_exact(tmp_pa
     assert 3 <= step < 60, step
     for r in range(ranks):  # every rank stopped after the step of the state (ranks agree on the step to stop at)
         assert f"rank {r} stopped after step {step}\n" in text, (r, step, text[-3000:])
+    if target == "workers":  # the workers share the file: its order is the order of the writes
+        assert text.index(f"stopped by {sig.name} after step") < text.index("rank 1 stopped after step"), text[-3000:]
     assert f"stopped by {sig.name} after step {step}" in text, text[-3000:]
     r = subprocess.run(_cmd(tmp_path, ranks, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        timeout=300, start_new_session=True)
