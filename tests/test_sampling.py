@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CUDA_ON_CPU, HAS_CPU_EXT, run_group
-from fdm_fast import ops, schedules
+from fdm_fast import ops, schedules, solvers
 from fdm_fast.gmm import GaussianMixtureDenoiser
 from fdm_fast.sampling import edm_sampler
 
@@ -241,7 +241,7 @@ def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim, backend):
     cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=label_dim,
                network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
     torch.manual_seed(0)
-    net = build_denoiser(cfg).cuda().eval().requires_grad_(False)
+    net = _live(build_denoiser(cfg)).cuda().eval().requires_grad_(False)
     fn = getattr(sampling, sampler)
     graphed = GraphedSampler(net, batch=8, sampler=fn, num_steps=6, **kw)
     for k, seeds in enumerate((range(8), range(100, 108))):
@@ -250,19 +250,51 @@ def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim, backend):
         torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)
 
 
+def _live(net):
+    """The network with random weights of unit gain everywhere and its label embedding amplified. EDM's
+    initialisation scales the blocks' last convolutions by 1e-5, so at init other labels (or guidance)
+    change a 6-step sample by less than 1e-5: a CUDA graph that replayed stale labels would still match
+    its eager run at the tests' 1e-5. Here they move a sample by about 3e-3 on average (the test below)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (1 if p.dim() > 1 else 0.1))
+            if "map_label" in name:
+                p.mul_(10)
+    return net
+
+
+def test_the_graph_tests_network_makes_labels_and_guidance_matter():
+    """The premise of the CUDA-graph tests (run here on the CPU): with _live's weights, other labels or
+    guidance move a sample by far more than those tests' 1e-5 tolerance; with EDM's init they do not."""
+    from fdm_fast.nn import build_denoiser
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=10,
+               network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    la, lb = torch.eye(10)[[s % 10 for s in range(8)]], torch.eye(10)[[(s + 1) % 10 for s in range(8)]]
+    for live in (False, True):
+        net = (_live(build_denoiser(cfg)) if live else build_denoiser(cfg)).eval().requires_grad_(False)
+        a = solvers.sample(net, range(8), class_labels=la, solver="heun", steps=6)
+        b = solvers.sample(net, range(8), class_labels=lb, solver="heun", steps=6)
+        g = solvers.sample(net, range(8), class_labels=la, solver="heun", steps=6, guidance=2.0)
+        for other in (b, g):
+            d = (a - other).abs()
+            assert d.mean() > 1e-3 if live else d.max() < 1e-5, (live, d.mean(), d.max())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
-@pytest.mark.parametrize("solver", ["euler", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "ipndm", "unipc"])
+@pytest.mark.parametrize("solver", solvers.SOLVERS)
 @pytest.mark.parametrize("guided", [False, True])
 def test_cuda_graph_solvers_equal_eager(solver, guided):
     # every solver of fdm_fast.solvers (ops.multistep on triton), plain and with classifier-free guidance
-    from fdm_fast import solvers
     from fdm_fast.nn import build_denoiser
     from fdm_fast.sampling import GraphedSampler
 
     cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=10,
                network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
     torch.manual_seed(0)
-    net = build_denoiser(cfg).cuda().eval().requires_grad_(False)
+    net = _live(build_denoiser(cfg)).cuda().eval().requires_grad_(False)
     kw = dict(solver=solver, steps=6, guidance=2.0 if guided else 1.0)
     graphed = GraphedSampler(net, batch=8, sampler=solvers.sample, **kw)
     for k, seeds in enumerate((range(8), range(100, 108))):
