@@ -1,5 +1,5 @@
-"""Line plots as PNG with Pillow alone (a dependency already): quality vs kimg in a run folder, and the
-study's figures, on machines without matplotlib. Lines, optional shaded bands (confidence intervals),
+"""Line plots as PNG with Pillow alone (a dependency already): a run folder's training.png (loss and
+speed) and metrics.png (quality vs kimg), and the study's figures, on machines without matplotlib. Lines, optional shaded bands (confidence intervals),
 markers, a legend and labelled axes; linear or log x."""
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def subplots(path: str, panels: Sequence[dict], *, cols: int = 2, size=(720, 440
     return path
 
 
-def read_metric_records(stats_path: str, metric: Optional[str] = None) -> list[dict]:
-    """The metric records of a run's stats.jsonl (those with a ``metric`` key), in file order."""
+def _records(stats_path: str) -> list[dict]:
+    """Every JSON object of a run's stats.jsonl, in file order (a torn line skipped)."""
     import json
 
     out = []
@@ -154,6 +154,16 @@ def read_metric_records(stats_path: str, metric: Optional[str] = None) -> list[d
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and "metric" in rec and (metric is None or rec["metric"] == metric):
+        if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+def read_metric_records(stats_path: str, metric: Optional[str] = None) -> list[dict]:
+    """The metric records of a run's stats.jsonl (those with a ``metric`` key), in file order."""
+    return [r for r in _records(stats_path) if "metric" in r and (metric is None or r["metric"] == metric)]
+
+
+def read_tick_records(stats_path: str) -> list[dict]:
+    """The progress records of a run's stats.jsonl (one per tick: kimg, loss, img_per_s, ...), in file order."""
+    return [r for r in _records(stats_path) if "metric" not in r and "loss" in r and "kimg" in r]

@@ -38,7 +38,7 @@ from .distributed import init_distributed, shutdown_distributed
 from .images import save_grid
 from .metrics import MetricError
 from .metrics.evaluate import METRICS, SampleEvaluator, check_metric
-from .plots import line_plot, read_metric_records
+from .plots import line_plot, read_metric_records, read_tick_records, subplots
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
 from .schedules import PRECONDS
@@ -585,7 +585,25 @@ def write_snapshot(run: Run) -> str:
     images = edm_sampler(run.ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
                          backend=o.backend, device=device)
     save_grid(images, os.path.join(o.outdir, "samples" + name[len("network-snapshot"):-len(".pt")] + ".png"))
+    plot_training(o.outdir, o.precond)
     return snap_path
+
+
+def plot_training(outdir: str, precond: str) -> Optional[str]:
+    """training.png in a run folder: the loss (each tick's mean, log scale) and the speed (img/s) against
+    kimg, from stats.jsonl; redrawn with every snapshot. None before the first tick."""
+    recs = read_tick_records(os.path.join(outdir, "stats.jsonl"))
+    if not recs:
+        return None
+    kimg = [r["kimg"] for r in recs]
+    return subplots(os.path.join(outdir, "training.png"), [
+        dict(series=[dict(x=kimg, y=[r["loss"] for r in recs], label=f"{precond} loss")], logy=True,
+             title="training loss, mean over each tick (FDM's warm-up caps its weight early on)",
+             xlabel="training kimg", ylabel="loss"),
+        dict(series=[dict(x=kimg, y=[r.get("img_per_s") for r in recs], label="img/s", color=2)],
+             title="training speed per tick (time spent compiling, on snapshots and on evaluations included)",
+             xlabel="training kimg", ylabel="img/s"),
+    ], cols=2)
 
 
 def evaluate(run: Run, evaluator: SampleEvaluator) -> dict:

@@ -38,3 +38,20 @@ def test_subplots_and_metric_records(tmp_path):
     assert [r["fd"] for r in read_metric_records(str(stats), "digits-fd")] == [3.0]
     assert len(read_metric_records(str(stats))) == 2
     assert read_metric_records(str(tmp_path / "none.jsonl")) == []
+
+
+def test_training_plot_of_a_run_folder(tmp_path):
+    from fdm_fast.plots import read_tick_records
+    from fdm_fast.train import plot_training
+
+    assert plot_training(str(tmp_path), "fdm_edm") is None  # no stats yet: nothing drawn
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text("\n".join([json.dumps(dict(kimg=0.5 * k, step=k, loss=10.0 / (k + 1), img_per_s=100.0 + k))
+                                for k in range(1, 6)]
+                               + [json.dumps(dict(kimg=2.5, step=5, metric="digits-fd", fd=3.0)), '{"torn']) + "\n")
+    assert [r["step"] for r in read_tick_records(str(stats))] == [1, 2, 3, 4, 5]
+    path = plot_training(str(tmp_path), "fdm_edm")
+    with Image.open(path) as im:
+        assert path == str(tmp_path / "training.png") and im.size == (1440, 440)
+    colors = _colors(path)
+    assert (31, 119, 180) in colors and (44, 160, 44) in colors  # the loss and the speed lines

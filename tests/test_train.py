@@ -148,6 +148,7 @@ def test_loss_falls_on_digits(tmp_path):
     last = sum(s["loss"] for s in stats[-4:]) / 4
     assert last < 0.8 * first, (first, last)
     assert (tmp_path / "options.json").exists() and list(tmp_path.glob("samples-*.png"))
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # loss and speed vs kimg
 
 
 @pytest.mark.parametrize("augment", ["0", "0.5"])
