@@ -23,7 +23,8 @@ import torch
 
 STATE_RE = re.compile(r"^training-state-(\d{8})\.pt$")
 TMP_RE = re.compile(r"^(training-state-\d+\.pt|network-snapshot-[\d-]+\.pt)(\.sha256)?\.tmp\d+$|"
-                    r"^samples-[\d-]+\.png\.tmp\.png$|^stats\.jsonl\.tmp\d+$")
+                    r"^samples-[\d-]+\.png\.tmp\.png$|^stats\.jsonl\.tmp\d+$|"
+                    r"^(training|metrics)\.png(\.panel\d+)?(\.tmp\d+\.png)+$")
 SIDECAR_RE = re.compile(r"^(training-state-\d+\.pt|network-snapshot-[\d-]+\.pt)\.sha256$")
 
 

@@ -59,7 +59,8 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
 def test_stale_temp_files_are_removed_and_stats_read_as_one_run(tmp_path):
     _run(tmp_path, "--tick", "0.016", steps=4)  # a tick and a checkpoint every step
     stale = [tmp_path / "training-state-00000009.pt.tmp123", tmp_path / "network-snapshot-000001.pt.sha256.tmp77",
-             tmp_path / "samples-000000-512.png.tmp.png"]
+             tmp_path / "samples-000000-512.png.tmp.png", tmp_path / "training.png.panel1.tmp9.png.tmp9.png",
+             tmp_path / "metrics.png.tmp12.png"]
     for p in stale:
         p.write_bytes(b"half-written")
     keep = tmp_path / "notes.tmp1"  # not one of ours
