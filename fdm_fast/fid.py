@@ -4,9 +4,10 @@
     python -m fdm_fast.fid calc --images out/ --ref fid-refs/cifar10-32x32.npz
     python -m fdm_fast.fid calc --network runs/.../network-snapshot-010000.pt --num 50000 --steps 18 --ref ...
 
-``calc --network`` samples seeds 0..num-1 with EDM's Heun sampler on one device, writing no images. For another
-solver, guidance, several GPUs (torchrun) or a run that can be cut and finished later, write the images
-with ``python -m fdm_fast.generate --outdir OUT [--skip-existing]`` and use ``calc --images OUT``.
+``calc --network`` samples seeds 0..num-1 with EDM's Heun sampler on one device, writing no images.
+For another solver, guidance, several GPUs (torchrun) or a run that can be cut and finished later,
+write the images with ``python -m fdm_fast.generate --outdir OUT [--skip-existing]`` and use
+``calc --images OUT``.
 
 Features are the 2048-d pool features of torch-fidelity's ``inception-v3-compat`` extractor, which
 matches the TensorFlow Inception used by the FID literature. Its weights cannot be downloaded by this

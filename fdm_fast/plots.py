@@ -1,6 +1,7 @@
 """Line plots as PNG with Pillow alone (a dependency already): a run folder's training.png (loss and
-speed) and metrics.png (quality vs kimg), and the study's figures, on machines without matplotlib. Lines, optional shaded bands (confidence intervals),
-markers, a legend and labelled axes; linear or log x."""
+speed) and metrics.png (quality vs kimg), and the study's figures, on machines without matplotlib.
+Lines, optional shaded bands (confidence intervals), markers, a legend and labelled axes; linear or
+log axes."""
 
 from __future__ import annotations
 
