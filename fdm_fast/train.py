@@ -6,8 +6,9 @@ loss-weight warm-up driven by the optimizer step. Checkpoints are written atomic
 file, then rename), the last K kept, and ``--resume auto`` continues the newest one exactly: model,
 EMA, optimizer, step, data order, RNG and warm-up. Network snapshots (``network-snapshot-*.pt``)
 hold the EMA weights and the config, load with ``torch.load(weights_only=True)``, and come with a
-grid of samples (EDM Heun on the fused step ops). Ctrl-C (SIGINT) or SIGTERM stops a run after the
-current step with a training state (exit status 128 + the signal); ``--resume auto`` continues it.
+grid of samples (EDM Heun on the fused step ops); ``training.png`` plots the loss and img/s of every
+tick (``stats.jsonl``). Ctrl-C (SIGINT) or SIGTERM stops a run after the current step with a training
+state (exit status 128 + the signal); ``--resume auto`` continues it.
 
 Several GPUs or nodes: ``torchrun --nproc_per_node=N -m fdm_fast.train ...`` (DDP; NCCL on GPUs,
 gloo on CPUs); each rank draws its own data shard and noise, rank 0 logs and writes files.
