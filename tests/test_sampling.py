@@ -219,6 +219,27 @@ def test_dpm_solver_pp_2m_matches_independent_implementation(name):
     assert (fine - heun).abs().max().item() < 5e-3
 
 
+def _graph_cfg(label_dim):
+    """The network of the CUDA-graph tests (and of the CPU check of their premise)."""
+    return dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=label_dim,
+                network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+
+
+def _live(net):
+    """The network with random weights of unit gain everywhere and its label embedding amplified. EDM's
+    initialisation scales the blocks' last convolutions by 1e-5, so at init other labels (or guidance)
+    change a 6-step sample by less than 1e-5: a CUDA graph that replayed stale labels would still match
+    its eager run at the tests' 1e-5. Here they move a sample by about 3e-3 on average (the test below)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (1 if p.dim() > 1 else 0.1))
+            if "map_label" in name:
+                p.mul_(10)
+    return net
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 @pytest.mark.parametrize("sampler, kw", [
     ("edm_sampler", dict()),                          # deterministic Heun: generate's default
@@ -238,8 +259,7 @@ def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim, backend):
     from fdm_fast.nn import build_denoiser
     from fdm_fast.sampling import GraphedSampler
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=label_dim,
-               network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    cfg = _graph_cfg(label_dim)
     torch.manual_seed(0)
     net = _live(build_denoiser(cfg)).cuda().eval().requires_grad_(False)
     fn = getattr(sampling, sampler)
@@ -250,28 +270,12 @@ def test_cuda_graph_sampling_equals_eager(sampler, kw, label_dim, backend):
         torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)
 
 
-def _live(net):
-    """The network with random weights of unit gain everywhere and its label embedding amplified. EDM's
-    initialisation scales the blocks' last convolutions by 1e-5, so at init other labels (or guidance)
-    change a 6-step sample by less than 1e-5: a CUDA graph that replayed stale labels would still match
-    its eager run at the tests' 1e-5. Here they move a sample by about 3e-3 on average (the test below)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (1 if p.dim() > 1 else 0.1))
-            if "map_label" in name:
-                p.mul_(10)
-    return net
-
-
 def test_the_graph_tests_network_makes_labels_and_guidance_matter():
     """The premise of the CUDA-graph tests (run here on the CPU): with _live's weights, other labels or
     guidance move a sample by far more than those tests' 1e-5 tolerance; with EDM's init they do not."""
     from fdm_fast.nn import build_denoiser
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=10,
-               network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    cfg = _graph_cfg(10)
     la, lb = torch.eye(10)[[s % 10 for s in range(8)]], torch.eye(10)[[(s + 1) % 10 for s in range(8)]]
     for live in (False, True):
         net = (_live(build_denoiser(cfg)) if live else build_denoiser(cfg)).eval().requires_grad_(False)
@@ -291,8 +295,7 @@ def test_cuda_graph_solvers_equal_eager(solver, guided):
     from fdm_fast.nn import build_denoiser
     from fdm_fast.sampling import GraphedSampler
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=3, label_dim=10,
-               network=dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)))
+    cfg = _graph_cfg(10)
     torch.manual_seed(0)
     net = _live(build_denoiser(cfg)).cuda().eval().requires_grad_(False)
     kw = dict(solver=solver, steps=6, guidance=2.0 if guided else 1.0)
