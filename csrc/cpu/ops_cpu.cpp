@@ -26,7 +26,10 @@ constexpr int64_t kChunk = 2048;  // elements per task, a multiple of 4 (and of 
 
 // Instruction sets. Every task (run_chunk_* below) is compiled three times, for x86-64-v4 (AVX-512),
 // x86-64-v3 (AVX2, FMA, F16C) and baseline x86-64, with its body inlined, so the elementwise loops get
-// the wide vectors and the hardware's float<->half conversions; the noise block has its own three
+// the wide vectors. bf16 conversions are integer operations and vectorise in each; fp16 ones go through
+// c10::Half's portable code in all three, since c10 uses F16C only when __F16C__ is defined at compile
+// time, which a target attribute does not do (the fp16 loss fwd+bwd is ~1.24x the bf16 one's time
+// at 512x3x32x32 on the Xeon VM, the Euler step 1.04x). The noise block has its own three
 // builds (randn_block_*). One variant is chosen at load time: the best this CPU has, capped by the
 // environment variable FDM_FAST_CPU_ISA=avx512|avx2|base (the suite runs the cpu-backend op tests
 // under every cap the machine has). Results agree across variants to rounding (the v3/v4 builds
