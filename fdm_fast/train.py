@@ -376,10 +376,10 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
         except SnapshotError as e:
             raise SystemExit(f"error: --resume {e}") from None
     if state is not None:
-        if normalise_config(state["config"]) != normalise_config(config):
+        theirs, ours = normalise_config(state["config"]), normalise_config(config)
+        if theirs != ours:
             diff = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} in this run"
-                             for k, a, b in config_differences(normalise_config(state["config"]),
-                                                               normalise_config(config)))
+                             for k, a, b in config_differences(theirs, ours))
             raise SystemExit(f"error: --resume {resume}: the checkpoint's network/precond config differs from this "
                              f"run's (give the options it was trained with, or a new --outdir):\n{diff}")
         net.load_state_dict(state["net"])
