@@ -14,7 +14,8 @@ Environment variables:
   FDM_FAST_EXT_REQUIRED=1  make a failed extension build an error instead of a warning (CI)
 
 torch must be importable at build time, so install with --no-build-isolation (see README); pip then
-installs no build requirements, and setuptools must be >= 77 (checked first, see setuptools_problem).
+installs no build requirements, and setuptools must be >= 77 (checked first, see setuptools_problem),
+except for `python setup.py build_ext --inplace`, which builds the extension with an older one.
 Compiler: GCC >= 11 or Clang >= 14 (the CPU kernels use C++17, or the C++20 that torch >= 2.14's headers
 need, and AVX-512 intrinsics with per-function target attributes); an older one is named in the build's
 message.
@@ -213,7 +214,20 @@ if __name__ == "__main__":  # as pip's build backend and `python setup.py` run i
     import setuptools
 
     why = setuptools_problem(setuptools.__version__)
-    if why:
+    kwargs = {}
+    if why and sys.argv[1:2] == ["build_ext"]:
+        # Building the extension in place needs none of the project's metadata, only pyproject.toml's
+        # license field is what this setuptools rejects: point its project root at an empty folder so that
+        # it does not read pyproject.toml (a GPU image's torch may come with setuptools < 77).
+        import atexit
+        import tempfile
+
+        kwargs["src_root"] = tempfile.mkdtemp(prefix="fdm_fast_setup_")
+        atexit.register(shutil.rmtree, kwargs["src_root"], ignore_errors=True)
+        # the in-place copy goes to the package folder by its absolute path (else under src_root)
+        kwargs["package_dir"] = {"fdm_fast": os.path.join(os.path.dirname(os.path.abspath(__file__)), "fdm_fast")}
+        _say(f"{why}; `build_ext` does not need the project's metadata: building without reading pyproject.toml")
+    elif why:
         sys.exit(f"fdm_fast setup: {why}")
     ext_modules, cmdclass = extension_build()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, **kwargs)

@@ -70,7 +70,7 @@ stage() {  # stage NAME TIMEOUT_S LOG CMD...
 }
 
 { nvidia-smi || true
-  $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); \
+  $py -c "import setuptools, torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'setuptools', setuptools.__version__); \
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   command -v nvcc && nvcc --version | tail -n 2
   # the compiler the extension is built with, and the libstdc++ the process loads (the H200 run saw a
