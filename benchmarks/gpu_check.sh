@@ -98,7 +98,7 @@ if [ "$mode" = "quick" ]; then
   stage tests 60 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist tests/test_extension.py \
     tests/test_ops.py tests/test_sampling.py -k "(cuda and shape0 and dtype0 and not compile) or device_named or bad_input"
   stage bench 30 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" --sizes b64 \
-    --dtypes fp32 --ops perturb --no-compile --reps 3
+    --dtypes fp32 --ops perturb --no-compile --reps 3 --time-budget 22
   stage train 40 "$out/train.log" $py benchmarks/train_throughput.py --json "$out/train.json" "${R[@]}" \
     --preset digits --steps 2 --warmup 1 --no-compile
   stage sampler 30 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
@@ -112,7 +112,7 @@ elif [ "$mode" = "a" ]; then
   stage sync 30 "$out/sync.log" $py benchmarks/sync_check.py --steps 10
   stage sync_triton 15 "$out/sync_triton.log" $py benchmarks/sync_check.py --steps 3 --backend triton
   stage bench 100 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
-    --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun
+    --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun --time-budget 90
   stage train_cifar 100 "$out/train_cifar.log" $py benchmarks/train_throughput.py --json "$out/train_cifar.json" \
     "${R[@]}" --preset cifar --batch 128 --steps 5 --warmup 1 --no-compile
   stage sampler 110 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
@@ -127,7 +127,7 @@ elif [ "$mode" = "pending" ]; then
   stage sampler 170 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
     --batch 64 --speed-nfe 35 --no-nfe-study --reps 3 --time-budget 155
   stage bench 75 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
-    --sizes ffhq64 --dtypes fp32 bf16 --ops perturb loss perturb+loss churn
+    --sizes ffhq64 --dtypes fp32 bf16 --ops perturb loss perturb+loss churn --time-budget 65
 elif [ "$mode" = "b" ]; then
   stage train_ffhq 330 "$out/train_ffhq.log" $py benchmarks/train_throughput.py --json "$out/train_ffhq.json" \
     "${R[@]}" --preset ffhq64 --batch 64 --steps 5 --warmup 1 --time-budget 310
@@ -137,7 +137,7 @@ else
   stage sampler_b1 100 "$out/sampler_b1.log" $py benchmarks/sampler_speed.py --out "$out/sampler_b1" "${R[@]}" \
     --batch 1 --speed-nfe 35 --no-nfe-study --reps 5 --time-budget 85
   stage bench 100 "$out/bench.log" $py benchmarks/ops_bandwidth.py --json "$out/ops.json" "${R[@]}" \
-    --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun
+    --sizes b64 ffhq64 --dtypes fp32 bf16 --ops perturb loss churn euler heun --time-budget 90
   stage graphs 60 "$out/graphs.log" $py -m pytest -v -p no:cacheprovider $xdist -k "graph or dispatch or default or cuda or triton" \
     tests/test_sampling.py tests/test_errors_dispatch.py tests/test_multistep.py
 fi

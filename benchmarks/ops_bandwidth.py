@@ -24,6 +24,9 @@ counts: GB/s, % copy BW and the ratios come from it. On a CPU the two are one ("
 
     python benchmarks/ops_bandwidth.py                          # all ops, CIFAR and FFHQ-64, fp32+bf16
     python benchmarks/ops_bandwidth.py --ops perturb loss --sizes b64 --dtypes fp32
+
+Under a hard time limit (benchmarks/gpu_check.sh), --time-budget S stops starting new rows S seconds
+after the start and writes the table with what was measured; the notes name what was not.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, machine_name,  # noqa: E402
-                      steady_heap, time_graphed, time_interleaved)
+from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, deadline_after,  # noqa: E402
+                      machine_name, steady_heap, time_graphed, time_interleaved)
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -277,8 +281,18 @@ def main(argv=None):
                          "faults for its fresh outputs; 'default' leaves glibc as it is (rows then depend on "
                          "what ran before them)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="S",
+                    help="seconds this run may take: after S - 5 no new op/size/dtype group, implementation or "
+                         "timing round starts, and the table says what was left out (for a caller with a hard "
+                         "limit, e.g. benchmarks/gpu_check.sh)")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    if args.time_budget is not None and args.time_budget <= 0:
+        ap.error(f"--time-budget: expected a positive number of seconds, got {args.time_budget}")
+    deadline = deadline_after(None if args.time_budget is None else args.time_budget - 5)  # 5 s: table, files
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
 
     device = torch.device(args.device)
     heap = steady_heap() if device.type == "cpu" and args.malloc == "steady" else None
@@ -301,7 +315,7 @@ def main(argv=None):
     # per-call time on a CPU (where host and device are one)
     header = ["op", "shape", "dtype", "impl", "call ms", "device ms", "GB/s", "% copy BW", "vs eager", "vs compile",
               "first call s"]
-    rows, records, faults = [], [], []
+    rows, records, faults, left_out = [], [], [], []
     g = torch.Generator().manual_seed(0)
     for op_name in args.ops:
         op = OPS[op_name]
@@ -309,6 +323,10 @@ def main(argv=None):
             shape = SIZES[size]
             for dname in args.dtypes:
                 dtype = DTYPES[dname]
+                group = f"{op.name} {'x'.join(map(str, shape))} {dname}"
+                if late():
+                    left_out.append(f"{group} (all)")
+                    continue
                 nbytes = op.nbytes(shape, dtype)
                 # enough input sets to span 3x the last-level cache, within 2 GiB of buffers
                 nsets = max(1, min(math.ceil(3 * cache / nbytes), (2 << 30) // nbytes))
@@ -324,10 +342,25 @@ def main(argv=None):
                 # every input set is touched before timing; calls of all implementations interleave
                 n_reps, n_warm = max(reps, nsets), nsets + 1
                 flt0 = _minor_faults()
-                timed = time_interleaved(dict(impls), device, reps=n_reps, warmup=n_warm)
+                info = {}
+                timed = time_interleaved(dict(impls), device, reps=n_reps, warmup=n_warm, deadline=deadline,
+                                         info=info)
                 # per call: the first (timed apart), the warm-up rounds and the timed rounds, of every impl
                 faults.append((_minor_faults() - flt0) / ((1 + n_warm + n_reps) * len(impls)))
-                dev = time_graphed(dict(impls), device, calls=nsets) if cuda else {}
+                missing = [k for k, _ in impls if k not in timed]
+                if "eager" not in timed:  # nothing to hold the others against
+                    left_out.append(f"{group} (all)")
+                    del sets, bufs
+                    continue
+                if missing:
+                    left_out.append(f"{group} ({', '.join(missing)})")
+                if info.get("rounds", n_reps) < n_reps:
+                    left_out.append(f"{group}: {info['rounds']} of {n_reps} timed rounds")
+                impls = [(k, f) for k, f in impls if k in timed]
+                graphed = cuda and not late()
+                if cuda and not graphed:
+                    left_out.append(f"{group}: device time (ratios from call time)")
+                dev = time_graphed(dict(impls), device, calls=nsets) if graphed else {}
                 best = {k: dev.get(k) or timed[k][0] for k, _ in impls}
                 for impl, _ in impls:
                     t_call, first = timed[impl]
@@ -351,6 +384,9 @@ def main(argv=None):
              + "; ".join(f"{o.name}: {o.doc}" for o in (OPS[n] for n in args.ops))]
     if heap:
         notes.append(heap[0].upper() + heap[1:])
+    if left_out:
+        notes.append(f"Not measured within --time-budget {args.time_budget:g} s: " + "; ".join(left_out))
+        print(notes[-1])
     if device.type == "cpu" and faults:
         notes.append(f"Page faults per call, warm-up included, worst row: {max(faults):.1f} "
                      "(a fault-free heap reads ~0; a few MB of fresh pages is ~1,500)")
@@ -359,7 +395,7 @@ def main(argv=None):
         append_results("ops_bandwidth", header, rows, notes, path=args.results)
         print(f"appended {len(rows)} rows to {args.results}")
     if args.json:
-        args.json.write_text(json.dumps(dict(machine=machine, copy_bw=bw, rows=records), indent=1))
+        args.json.write_text(json.dumps(dict(machine=machine, copy_bw=bw, rows=records, left_out=left_out), indent=1))
 
 
 if __name__ == "__main__":

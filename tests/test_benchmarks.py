@@ -133,3 +133,44 @@ def test_ops_bandwidth_steady_heap_removes_most_page_faults():
             pytest.skip("this glibc refused the thresholds")
     assert faults["default"] > 100, faults  # the effect is there without it (427-966 in four runs here)
     assert faults["steady"] < faults["default"] / 5, faults  # 13-18 with it
+
+
+def test_ops_bandwidth_time_budget_writes_what_it_measured_and_names_the_rest(tmp_path, monkeypatch):
+    """gpu_check.sh gives ops_bandwidth a stage limit: once its budget is spent it starts no new group, and
+    the table, JSON and notes keep the groups it measured and name those it did not (without the budget a
+    killed run loses the whole table). A clock that jumps past the deadline after the first group stands in
+    for a slow compile."""
+    import json
+    import time
+    import types
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ops_bandwidth as ob
+
+    spent = {"now": False}
+    real_interleaved = ob.time_interleaved
+
+    def interleaved(*a, **kw):
+        try:
+            return real_interleaved(*a, **kw)
+        finally:
+            spent["now"] = True  # the budget runs out during the first group
+
+    monkeypatch.setattr(ob, "time_interleaved", interleaved)
+    monkeypatch.setattr(ob, "time", types.SimpleNamespace(
+        perf_counter=lambda: float("inf") if spent["now"] else time.perf_counter()))
+    out, res = tmp_path / "ops.json", tmp_path / "rows.md"
+    checks = ob.ops.set_value_checks(True)  # main() turns them off for timing: give this process back its own
+    try:
+        ob.main(["--ops", "perturb", "euler", "--sizes", "b64", "--dtypes", "fp32", "--no-compile", "--reps", "1",
+                 "--malloc", "default", "--backends", "--time-budget", "600", "--json", str(out), "--results",
+                 str(res)])
+    finally:
+        ob.ops.set_value_checks(checks)
+    d = json.loads(out.read_text())
+    assert [(r["op"], r["impl"]) for r in d["rows"]] == [("perturb", "eager"), ("perturb", "copy")]
+    assert d["left_out"] == ["euler step 64x3x64x64 fp32 (all)"]
+    text = res.read_text()
+    assert "Not measured within --time-budget 600 s: euler step 64x3x64x64 fp32 (all)" in text
+    with pytest.raises(SystemExit):  # a budget that is no budget is refused by name
+        ob.main(["--time-budget", "0"])
