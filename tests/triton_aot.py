@@ -14,11 +14,22 @@ interpreted tests' job.
 
     python tests/triton_aot.py                  # sm_90 (H100/H200); a table of every compiled kernel
     python tests/triton_aot.py --arch 80 90 100 # also A100 and B200
+    python tests/triton_aot.py --functional     # torch.compile's view of every Triton op (below)
 
 Prints one row per compiled specialisation: kernel, registers, spill bytes (from ``ptxas -v``),
 shared memory, warps. Exits 1 and names the call when a kernel fails to compile.
 tests/test_triton_aot.py runs it in CI with the installed Triton; run it with the GPU machine's Triton
 version to check that one too (a Triton version is all it needs: no GPU, no CUDA toolkit).
+
+``--functional`` checks what torch.compile sees instead of what Triton compiles. AOTAutograd traces a
+``torch.library.triton_op`` into its body and each kernel launch into a functional wrapper whose
+outputs are the buffers torch's analysis of the kernel's TTIR finds it writes; a buffer missed there
+is returned unwritten from a compiled graph, an input wrongly found written is cloned each call, and
+when the analysis fails torch assumes every input written. This traces every raw Triton op (the
+cases of tests/test_opcheck.py, contiguous and channels_last) that way on fake CUDA tensors and checks
+that each kernel is found to write exactly its output buffers: never an input, every allocated
+output (zero-size placeholders of outputs not asked for excepted), and that no output of the traced
+op is an allocation no kernel wrote.
 """
 
 from __future__ import annotations
@@ -189,6 +200,70 @@ def _loss(ops, F, y, sigma, pre, **kw):
     return loss
 
 
+def functional_view(arch: int = 90) -> int:
+    """Failures of --functional (see the module docstring), after a row per traced case."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # the kernels must be real JITFunctions: load them before test_opcheck's conftest sets TRITON_INTERPRET
+    from fdm_fast.ops import triton_loss, triton_perturb, triton_sampler  # noqa: F401
+    import test_opcheck
+
+    _driver.set_active(TargetOnlyDriver(GPUTarget("cuda", arch, 32)))  # the TTIR is made for a target
+    mode = FakeTensorMode()
+    allocs = {"empty", "empty_strided", "new_empty", "empty_like", "new_empty_strided"}
+
+    def fake(a):  # the same shape, strides and dtype on a fake CUDA device (no GPU, any torch build)
+        if isinstance(a, torch.Tensor):
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda")
+        return [fake(t) for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
+
+    def is_alloc(node):
+        return node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in allocs
+
+    failures = 0
+    print(f"torch.compile's view of the Triton ops (triton {triton.__version__}, torch {torch.__version__}, "
+          f"TTIR for sm_{arch}):")
+    for layout in ("contiguous", "channels_last"):
+        for op, args in test_opcheck._cases("fdm_fast_triton", "cpu", layout == "channels_last"):
+            with mode:
+                fargs = [fake(a) for a in args]
+            flat = [t for a in fargs for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+
+            def call(*ts, fargs=fargs, op=op):
+                it = iter(ts)
+                return op(*[[next(it) for _ in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                            else next(it) if isinstance(a, torch.Tensor) else a for a in fargs])
+
+            label = f"{op._qualified_op_name if hasattr(op, '_qualified_op_name') else op} ({layout})"
+            try:
+                with mode:
+                    gm = make_fx(dispatch_functionalize(call), tracing_mode="real")(*flat)
+            except Exception:
+                failures += 1
+                print(f"FAILED {label}: not traceable\n{traceback.format_exc()}", file=sys.stderr)
+                continue
+            problems, written = [], []
+            launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+            if not launches:
+                problems.append("no kernel launch in the traced graph")
+            for n in launches:
+                bufs = {k: v for k, v in n.kwargs["kwargs"].items() if isinstance(v, torch.fx.Node)}
+                clone = set(n.kwargs["tensors_to_clone"])
+                written.append(sorted(clone))
+                problems += [f"writes its input {k}" for k in sorted(clone) if bufs[k].op == "placeholder"]
+                problems += [f"output {k} not found written" for k, v in bufs.items()
+                             if is_alloc(v) and k not in clone and v.meta["val"].numel() > 0]
+            outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            for o in (outs if isinstance(outs, (tuple, list)) else [outs]):
+                if isinstance(o, torch.fx.Node) and is_alloc(o) and o.meta["val"].numel() > 0:
+                    problems.append(f"returns {o.name}, an allocation no kernel wrote")
+            print(f"  {label:<46} writes {written}" + (f"  FAILED: {'; '.join(problems)}" if problems else ""))
+            failures += bool(problems)
+    return failures
+
+
 def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers, spill bytes and shared memory from ``ptxas -v`` on the kernel's PTX."""
     from triton.backends.nvidia import compiler
@@ -218,7 +293,14 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", nargs="+", type=int, default=[90], help="compute capabilities (default: 90)")
     ap.add_argument("--only", default="", help="only the calls whose label contains this text")
     ap.add_argument("--no-ptxas-report", action="store_true", help="skip the registers/spills column")
+    ap.add_argument("--functional", action="store_true",
+                    help="instead of compiling: torch.compile's (AOTAutograd's) view of every Triton op, which "
+                         "buffers each kernel is found to write (module docstring)")
     args = ap.parse_args(argv)
+    if args.functional:
+        failures = functional_view(args.arch[0])
+        print(f"\n{failures} failure(s)" if failures else "\nevery kernel writes exactly its outputs")
+        return 1 if failures else 0
 
     JITFunction.run = _compile_only(JITFunction.run)
     _allow_triton_on_cpu_tensors()
