@@ -156,7 +156,7 @@ def rng(seed, offset, B: int, device: torch.device) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a constant of the traced graph (inductor inlines a built one)
             return torch.tensor([[seed, offset]], dtype=torch.int64, device=device)
         r = torch.full((1, 2), seed, dtype=torch.int64, device=device)
-        r[:, 1] = offset
+        r.select(1, 1).fill_(offset)  # the int as the fill's argument (r[:, 1] = offset wraps it in a CPU tensor)
         return r
     for name, v, hi in (("seed", seed, "2^63"), ("offset", offset, "2^62")):
         if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.numel() and _checking(v):
