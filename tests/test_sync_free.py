@@ -154,3 +154,47 @@ def test_training_step_runs_without_a_sync(tmp_path, monkeypatch, extra):
         assert loss.device == META and run.step == 3
     finally:
         ops.set_value_checks(prev)
+
+
+def _fake_cuda_host(*args):
+    """tests/fake_cuda_host.py in a process of its own (real Triton kernels: no interpreter there)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, str(here / "fake_cuda_host.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=here.parent)
+
+
+def _has_cuda_kernels():
+    try:
+        from fdm_fast import _C
+        return bool(_C.has_cuda())
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_the_fused_backends_host_code_reads_no_device_value(backend):
+    """On meta every op takes the torch backend; here the triton and cuda backends' own host code runs,
+    on fake CUDA tensors (tests/fake_cuda_host.py): every solver, the EDM samplers and perturb + loss."""
+    pytest.importorskip("triton")
+    if backend == "cuda" and not _has_cuda_kernels():
+        pytest.skip("fdm_fast._C has no CUDA kernels in this build (a CPU-only torch)")
+    r = _fake_cuda_host(backend)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("  ok ")]
+    assert len(rows) == len(solvers.SOLVERS) + 4 + 1 + 1, r.stdout  # + the self-check of the guard
+    assert "no host read of a device tensor" in r.stdout
+
+
+def test_the_fake_cuda_check_fails_when_the_host_reads_device_values():
+    # the ops' optional value checks read device tensors (off on accelerators): with them on, every run fails
+    pytest.importorskip("triton")
+    r = _fake_cuda_host("triton", "--value-checks")
+    assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
+    assert r.stdout.count("  FAILED  ") == len(solvers.SOLVERS) + 4 + 1 and "Tensor.__bool__ on a cuda tensor" in r.stdout
