@@ -245,7 +245,8 @@ def functional_view(arch: int = 90) -> int:
                 print(f"FAILED {label}: not traceable\n{traceback.format_exc()}", file=sys.stderr)
                 continue
             problems, written = [], []
-            launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+            wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
+            launches = [n for n in gm.graph.nodes if n.target is wrapper]
             if not launches:
                 problems.append("no kernel launch in the traced graph")
             for n in launches:
