@@ -167,7 +167,7 @@ import triton_aot
 
 real = twk.get_mutated_tensors
 def patched(kernel_idx, constant_args_idx, kwargs, *rest):
-    if sys.argv[1] == "all":
+    if HOW == "all":
         return [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return [k for k in real(kernel_idx, constant_args_idx, kwargs, *rest) if k != "net_ptr"]
 twk.get_mutated_tensors = patched
@@ -180,10 +180,6 @@ def test_the_functional_view_fails_on_a_wrong_write_analysis(tmp_path, how, says
     import torch._higher_order_ops.triton_kernel_wrap as twk
     if not hasattr(twk, "get_mutated_tensors"):
         pytest.skip("this torch has no get_mutated_tensors to replace")
-    script = tmp_path / "broken.py"
-    script.write_text(BROKEN_ANALYSIS)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, env=env, timeout=600)
+    res = _run([], tmp_path, code=f"HOW = {how!r}\n" + BROKEN_ANALYSIS)
     assert res.returncode == 1, (res.stdout + res.stderr)[-4000:]
     assert says in res.stdout and "failure(s)" in res.stdout, res.stdout[-4000:]

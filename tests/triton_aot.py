@@ -205,6 +205,7 @@ def functional_view(arch: int = 90) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._pytree import tree_flatten, tree_unflatten
 
     # the kernels must be real JITFunctions: load them before test_opcheck's conftest sets TRITON_INTERPRET
     from fdm_fast.ops import triton_loss, triton_perturb, triton_sampler  # noqa: F401
@@ -214,11 +215,6 @@ def functional_view(arch: int = 90) -> int:
     mode = FakeTensorMode()
     allocs = {"empty", "empty_strided", "new_empty", "empty_like", "new_empty_strided"}
 
-    def fake(a):  # the same shape, strides and dtype on a fake CUDA device (no GPU, any torch build)
-        if isinstance(a, torch.Tensor):
-            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda")
-        return [fake(t) for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
-
     def is_alloc(node):
         return node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in allocs
 
@@ -227,14 +223,19 @@ def functional_view(arch: int = 90) -> int:
           f"TTIR for sm_{arch}):")
     for layout in ("contiguous", "channels_last"):
         for op, args in test_opcheck._cases("fdm_fast_triton", "cpu", layout == "channels_last"):
+            # every tensor argument (lists of them too) as the same shape, strides and dtype on a fake CUDA
+            # device (no GPU, any torch build); the traced function takes those tensors and puts them back
+            leaves, spec = tree_flatten(list(args))
+            where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
             with mode:
-                fargs = [fake(a) for a in args]
-            flat = [t for a in fargs for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+                flat = [torch.empty_strided(leaves[i].shape, leaves[i].stride(), dtype=leaves[i].dtype,
+                                            device="cuda") for i in where]
 
-            def call(*ts, fargs=fargs, op=op):
-                it = iter(ts)
-                return op(*[[next(it) for _ in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
-                            else next(it) if isinstance(a, torch.Tensor) else a for a in fargs])
+            def call(*ts, leaves=leaves, spec=spec, where=where, op=op):
+                filled = list(leaves)
+                for i, t in zip(where, ts):
+                    filled[i] = t
+                return op(*tree_unflatten(filled, spec))
 
             label = f"{op._qualified_op_name if hasattr(op, '_qualified_op_name') else op} ({layout})"
             try:
