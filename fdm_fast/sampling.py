@@ -126,14 +126,16 @@ class GraphedSampler:
     seeds (and class labels): the whole loop (the UNet's kernels and the fused step ops) launches as
     one graph, so small batches are not bound by kernel-launch latency. ``sampler`` is any sampler of
     this module (``edm_sampler``, deterministic or with churn, Heun or Euler; ``dpm_solver_pp_2m``; ``ipndm``)
-    with its keyword arguments. Seeds and labels live in static device buffers that the captured ops
-    read; ``__call__`` copies new ones in and replays. Capture needs ops that neither sync nor copy
-    from the host, which every op here satisfies (tests/test_sync_free.py; on a GPU,
-    tests/test_sampling.py compares each sampler's replay with its eager run).
+    or ``fdm_fast.solvers.sample`` with any of its solvers, with its keyword arguments. Seeds and labels
+    live in static device buffers that the captured ops read; ``__call__`` copies new ones in and
+    replays. Capture needs ops that neither sync nor copy from the host, which every op here satisfies
+    (tests/test_sync_free.py; on a GPU, tests/test_sampling.py compares each sampler's and each solver's
+    replay with its eager run).
 
         sampler = GraphedSampler(net, batch=64, num_steps=18)              # deterministic Heun
         images = sampler(range(64))          # == edm_sampler(net, range(64), num_steps=18)
         dpm = GraphedSampler(net, batch=64, sampler=dpm_solver_pp_2m, num_steps=10)
+        unipc = GraphedSampler(net, batch=64, sampler=fdm_fast.solvers.sample, solver="unipc", num_steps=8)
     """
 
     def __init__(self, denoiser, batch: int, *, sampler=edm_sampler, warmup: int = 2, **kwargs):
