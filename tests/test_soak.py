@@ -34,7 +34,9 @@ o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.chan
 rank, world, device = init_distributed()
 result = training_loop(o, rank=rank, world=world, device=device, quiet=True)
 if result["stopped_by"]:  # for the test: each rank says where it stopped (train prints it for rank 0 only)
-    print(f"rank {rank} stopped after step {result['step']}", file=sys.stderr, flush=True)
+    # one write per line: the ranks share the stderr file and leave together, and print() writes the
+    # text and its newline separately, so two ranks' lines could interleave ("...step 12rank 1 ...")
+    sys.stderr.write(f"rank {rank} stopped after step {result['step']}\\n"); sys.stderr.flush()
 shutdown_distributed()  # as train.main does
 sys.exit(exit_status(result))
 """
