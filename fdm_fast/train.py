@@ -853,16 +853,18 @@ def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, st
             ckpt_path = write_checkpoint(run)
             next_ckpt += o.ckpt * 1000
         if stop:
-            stopper.all_stopped(world)
             break
     if bar is not None:
         bar.close()
     if rank == 0 and stop_after_steps is not None and not stop and not (run.cur_nimg >= total_nimg):
         write_checkpoint(run)
-    if stop and rank == 0:
-        print(f"stopped by {signal.Signals(stop).name} after step {run.step} ({run.cur_nimg / 1000:g} kimg); "
-              f"training state {ckpt_path}: run the same command with --resume auto to continue",
-              file=sys.stderr, flush=True)
+    if stop:
+        if rank == 0:
+            print(f"stopped by {signal.Signals(stop).name} after step {run.step} ({run.cur_nimg / 1000:g} kimg); "
+                  f"training state {ckpt_path}: run the same command with --resume auto to continue",
+                  file=sys.stderr, flush=True)
+        # after the line, so that whatever a rank prints once it is through comes after it
+        stopper.all_stopped(world)
     return dict(step=run.step, cur_nimg=run.cur_nimg, loss=last_loss, net=net, ema=ema, stopped_by=stop or None)
 
 
