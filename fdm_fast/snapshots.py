@@ -95,11 +95,28 @@ def load(path: str, *, kind: str = "file") -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, pickled code refused
-        raise SnapshotError(f"{path}: not a readable {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
+        raise SnapshotError(f"{path}: not a readable {kind}: {_why_unreadable(path, e)}") from None
     if not isinstance(data, dict):
         raise SnapshotError(f"{path}: expected a {kind} (a dict), got a {type(data).__name__}")
     return data
+
+
+def _why_unreadable(path: str, e: Exception) -> str:
+    """What torch.load's failure means for the user, in one line. torch's own text for a refused pickle
+    advises retrying with weights_only=False, i.e. running the file's code: not repeated here."""
+    text = str(e)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].split(". Please")[0].strip()
+        hint = "; an official EDM/FDM snapshot loads under its .pkl name" if head.startswith(b"\x80") else ""
+        return (f"loading it with weights_only=True failed ({detail[:200]}): it is not plain tensors and containers, "
+                f"and fdm_fast runs no code from a file{hint}")
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        return f"a damaged or truncated zip archive ({text.split('. This is an internal')[0][:200]})"
+    if not head.startswith(b"\x80"):  # neither a zip nor a pickle (torch.save's legacy format)
+        return f"not a file torch.save wrote (it begins {head!r})"
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}"
 
 
 def what_is(data: dict) -> str:

@@ -2,9 +2,11 @@
 stale temp files removed, stats.jsonl read as one run, snapshot names never collide, and generate
 refuses bad network files with a message."""
 
+import argparse
 import functools
 import json
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -93,8 +95,10 @@ def test_snapshot_is_not_a_training_state_and_names_never_collide(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"", "empty file"),
-    (b"just some text\n", "not a readable network snapshot"),
-    ("truncated", "not a readable network snapshot"),
+    (b"just some text\n", "not a readable network snapshot: not a file torch.save wrote (it begins b'just som')"),
+    ("truncated", "not a readable network snapshot: a damaged or truncated zip archive"),
+    ("pickled class", "GLOBAL argparse.Namespace was not an allowed global by default): it is not plain tensors"),
+    ("bare pickle", "an official EDM/FDM snapshot loads under its .pkl name"),
     ("foreign", "not a network snapshot"),
     ("mismatch", "does not match its checksum"),
 ])
@@ -104,6 +108,10 @@ def test_generate_refuses_bad_network_files(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.pt"
     if content == "truncated":
         bad.write_bytes(snap.read_bytes()[:1000])
+    elif content == "pickled class":  # what weights_only=True refuses; torch's text says to retry without it
+        torch.save({"ema": {}, "config": argparse.Namespace(a=1)}, bad)
+    elif content == "bare pickle":  # as an official EDM/FDM .pkl renamed .pt
+        bad.write_bytes(pickle.dumps({"ema": {}}, protocol=4))
     elif content == "foreign":
         torch.save({"weights": torch.zeros(3)}, bad)
     elif content == "mismatch":
@@ -112,7 +120,9 @@ def test_generate_refuses_bad_network_files(tmp_path, capsys, content, message):
     else:
         bad.write_bytes(content)
     rc = generate.main(["--network", str(bad), "--seeds", "0-1", "--grid", str(tmp_path / "g.png"), "--steps", "2"])
-    assert rc == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert "weights_only` set to `False`" not in err  # never the advice to run the file's code
     assert not (tmp_path / "g.png").exists()
 
 
