@@ -30,7 +30,7 @@ from _harness import add_results_arg, append_results, machine_name, print_table 
 
 from fdm_fast import solvers  # noqa: E402
 from fdm_fast.metrics.digits import DigitsMetrics  # noqa: E402
-from fdm_fast.snapshots import load_snapshot  # noqa: E402
+from fdm_fast.snapshots import SnapshotError, load_snapshot  # noqa: E402
 
 
 def main(argv=None):
@@ -45,12 +45,18 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     add_results_arg(ap)
     args = ap.parse_args(argv)
-    net = load_snapshot(args.network, "cpu")
+    try:
+        net = load_snapshot(args.network, "cpu")
+    except SnapshotError as e:
+        ap.error(f"--network {e}")
     if not net.label_dim:
-        raise SystemExit(f"error: --network {args.network}: not class-conditional (train with --cond --cond-drop P)")
+        ap.error(f"--network {args.network}: not class-conditional (train with --cond --cond-drop P)")
     if net.img_channels != 1 or net.img_resolution != 16:
-        raise SystemExit(f"error: --network {args.network}: expected a 16x16x1 digits model")
-    guide = load_snapshot(args.guide_network, "cpu") if args.guide_network else None
+        ap.error(f"--network {args.network}: expected a 16x16x1 digits model")
+    try:
+        guide = load_snapshot(args.guide_network, "cpu") if args.guide_network else None
+    except SnapshotError as e:
+        ap.error(f"--guide-network {e}")
     metrics = DigitsMetrics()
     seeds = list(range(args.num))
     want = np.array(seeds) % net.label_dim

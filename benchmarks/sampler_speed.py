@@ -190,15 +190,13 @@ def nfe_digits_fd(args, device):
 
 def nfe_fid(args, device, extractor=None):
     """FID vs NFE per sampler for a trained snapshot against reference statistics (fdm_fast.fid)."""
-    import numpy as np
-
-    from fdm_fast.metrics import frechet_distance, statistics
+    from fdm_fast.metrics import frechet_distance, load_ref, statistics
     from fdm_fast.metrics.inception import features, load_inception
     from fdm_fast.snapshots import load_snapshot
 
+    ref_mu, ref_sigma = load_ref(args.ref)
     net = load_snapshot(str(args.network), device)
     extractor = extractor or load_inception(args.inception, device)
-    ref = np.load(args.ref)
     rows = []
     for solver in args.solvers:
         for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
@@ -206,7 +204,7 @@ def nfe_fid(args, device, extractor=None):
                                                        args.schedule), device)
             mu, sigma = statistics(feats)
             rows.append(dict(kind="fid", sampler=solver, schedule=args.schedule, nfe=solvers.nfe(solver, steps),
-                             fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), images=args.fid_num))
+                             fid=frechet_distance(mu, sigma, ref_mu, ref_sigma), images=args.fid_num))
     return rows
 
 
@@ -285,15 +283,23 @@ def main(argv=None):
     ops.set_value_checks(False)
     speed_args = argparse.Namespace(**vars(args))
     speed_args.nfe = args.speed_nfe or (args.nfe if device.type == "cuda" else [13, 35])
-    if args.network is not None and args.metric == "fid":  # fail early, before minutes of timing
+    if args.network is not None:  # fail early, before minutes of timing
+        from fdm_fast.metrics import MetricError, load_ref
         from fdm_fast.metrics.inception import FIDError, inception_weights
+        from fdm_fast.snapshots import SnapshotError, load_snapshot
 
         try:
-            if args.ref is None or not args.ref.is_file():
-                raise FIDError(f"--ref {args.ref}: the FID study needs reference statistics (python -m fdm_fast.fid ref)")
-            inception_weights(args.inception)
-        except FIDError as e:
-            raise SystemExit(f"error: {e}")
+            load_snapshot(str(args.network))
+            if args.metric == "fid":
+                if args.ref is None or not args.ref.is_file():
+                    raise FIDError(f"--ref {args.ref}: the FID study needs reference statistics "
+                                   "(python -m fdm_fast.fid ref)")
+                load_ref(args.ref)
+                inception_weights(args.inception)
+        except SnapshotError as e:
+            ap.error(f"--network {e}")
+        except (FIDError, MetricError) as e:
+            ap.error(str(e))
     rows = ([] if args.no_speed else speed(speed_args, device)) + ([] if args.no_nfe_study else nfe_analytic(args))
     if args.network is not None:
         rows += nfe_fid(args, device) if args.metric == "fid" else nfe_digits_fd(args, device)

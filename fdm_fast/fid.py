@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 
-from .metrics import MetricError, frechet_distance, statistics  # noqa: F401  (the CLI's math; re-exported)
+from .metrics import MetricError, frechet_distance, load_ref, statistics  # noqa: F401  (the CLI's math; re-exported)
 from .metrics.inception import INCEPTION_FILE, FIDError, features, inception_weights, load_inception  # noqa: F401
 
 
@@ -50,6 +50,19 @@ def _generated_batches(network: str, num: int, batch: int, steps: int, device):
             labels = torch.eye(net.label_dim, device=device)[torch.tensor(seeds, device=device) % net.label_dim]
         x = edm_sampler(net, seeds, num_steps=steps, class_labels=labels, device=device)
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def _check_dest(dest: str) -> None:
+    """Raise FIDError unless ``fid ref`` can write ``dest`` (checked before any feature is computed)."""
+    if os.path.isdir(dest):
+        raise FIDError(f"--dest {dest}: is a folder; expected the .npz file to write")
+    parent = os.path.dirname(os.path.abspath(dest))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise FIDError(f"--dest {dest}: cannot create its folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise FIDError(f"--dest {dest}: its folder {parent} is not writable")
 
 
 def main(argv=None) -> int:
@@ -81,12 +94,17 @@ def main(argv=None) -> int:
             raise FIDError(f"--network {args.network}: no such file")
         if args.cmd == "calc" and not os.path.isfile(args.ref):
             raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
+        ref = load_ref(args.ref) if args.cmd == "calc" else None  # a bad file fails now, not after the features
+        if args.cmd == "ref":
+            _check_dest(args.dest)
         extractor = load_inception(args.inception, device)
         if args.cmd == "ref":
             num, batches = _image_batches(args.data, args.batch)
             mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid ref"))
-            os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
-            np.savez(args.dest, mu=mu, sigma=sigma)
+            tmp = f"{args.dest}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:  # a file object: np.savez adds no .npz, --dest is the name written
+                np.savez(f, mu=mu, sigma=sigma)
+            os.replace(tmp, args.dest)
             print(f"wrote {args.dest}")
             return 0
         if args.images:
@@ -94,8 +112,7 @@ def main(argv=None) -> int:
         else:
             num, batches = args.num, _generated_batches(args.network, args.num, args.batch, args.steps, device)
         mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid calc"))
-        ref = np.load(args.ref)
-        print(f"FID {frechet_distance(mu, sigma, ref['mu'], ref['sigma']):.4f}")
+        print(f"FID {frechet_distance(mu, sigma, *ref):.4f}")
         return 0
     except (FIDError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -122,7 +122,26 @@ def test_generate_bad_options(tmp_path, capsys):
 
 
 def test_fid_bad_options(tmp_path, capsys):
+    """Each bad option is named before any work: here no Inception weights exist, so a row whose message is
+    not the weights' shows that the check came before loading them."""
+    (tmp_path / "text.npz").write_text("not numpy\n")
+    np.save(tmp_path / "one.npy", np.zeros(4))
+    np.savez(tmp_path / "nomu.npz", sigma=np.eye(4))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(4), sigma=np.eye(3))
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "r.zip").write_bytes(b"PK\x03\x04" + bytes(60))  # a zip's magic, nothing after it
+    calc = ["calc", "--images", str(tmp_path), "--ref"]
     rows = [
+        (calc + [str(tmp_path / "text.npz")], "text.npz: not reference statistics with 'mu' and 'sigma': not an .npz "
+                                              "file (it begins b'not nump')"),
+        (calc + [str(tmp_path / "one.npy")], "expected an .npz with 'mu' and 'sigma', got a single array (.npy)"),
+        (calc + [str(tmp_path / "r.zip")], "not reference statistics with 'mu' and 'sigma' (BadZipFile"),
+        (calc + [str(tmp_path / "nomu.npz")], "(missing ['mu'])"),
+        (calc + [str(tmp_path / "shape.npz")], "expected mu [D] and sigma [D, D], got [4] and [3, 3]"),
+        (calc + [str(tmp_path / "nan.npz")], "mu or sigma holds NaN or inf"),
+        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path)], "is a folder; expected the .npz file"),
+        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "afile" / "r.npz")], "cannot create its folder"),
         (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "none.npz")], "no such file"),
         (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
@@ -155,6 +174,11 @@ def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
     ("ops_bandwidth.py", ["--sizes", "bogus"], "invalid choice"),
     ("train_throughput.py", ["--preset", "bogus"], "invalid choice"),
     ("sampler_speed.py", ["--preset", "bogus"], "invalid choice"),
+    # bad files for the --network study: named before the speed part's minutes, not after them
+    ("sampler_speed.py", ["--network", "none.pt"], "error: --network none.pt: no such file"),
+    ("sampler_speed.py", ["--network", "README.md", "--metric", "digits-fd"], "error: --network README.md: not a "
+                                                                               "readable network snapshot"),
+    ("guidance_study.py", ["--network", "none.pt"], "error: --network none.pt: no such file"),
 ])
 def test_benchmark_scripts_bad_options(script, argv, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,

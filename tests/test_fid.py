@@ -112,6 +112,9 @@ def test_fid_cli_ref_and_calc_end_to_end_with_a_stand_in_extractor(tmp_path, mon
         np.testing.assert_allclose(z["sigma"], np.cov(want, rowvar=False), rtol=1e-10)
     err = capsys.readouterr().err
     assert "fid ref" in err and "45/45" in err, err
+    assert fid.main(["ref", "--data", str(data), "--dest", str(tmp_path / "refs" / "plain"), "--batch", "45"]) == 0
+    assert sorted(p.name for p in ref.parent.iterdir()) == ["plain", "ref.npz"]  # the name asked for, no temp file
+    assert f"wrote {tmp_path / 'refs' / 'plain'}" in capsys.readouterr().out
 
     assert fid.main(["calc", "--images", str(data), "--ref", str(ref)]) == 0
     out, err = capsys.readouterr()

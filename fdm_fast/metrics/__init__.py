@@ -11,11 +11,48 @@
 
 from __future__ import annotations
 
+import zipfile
+import zlib
+
 import numpy as np
 
 
 class MetricError(ValueError):
     """Bad input to a metric (shapes, too few samples)."""
+
+
+def load_ref(path, flag: str = "--ref"):
+    """(mu [D], sigma [D, D]) in float64 from reference statistics (``python -m fdm_fast.fid ref``, or
+    EDM's ``.npz``), checked: a file that is not such statistics is a MetricError naming ``flag``, raised
+    before a tool spends any time on features."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"\x93NUMPY"):
+            raise MetricError(f"{flag} {path}: expected an .npz with 'mu' and 'sigma', got a single array (.npy)")
+        if not head.startswith(b"PK\x03\x04"):  # numpy would take any other file for a pickle
+            raise MetricError(f"{flag} {path}: not reference statistics with 'mu' and 'sigma': not an .npz file "
+                              f"(it begins {head!r})")
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise MetricError(f"{flag} {path}: not reference statistics with 'mu' and 'sigma' ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'})") from None
+    with z:
+        missing = [k for k in ("mu", "sigma") if k not in z.files]
+        if missing:
+            raise MetricError(f"{flag} {path}: expected arrays 'mu' and 'sigma', it has {z.files} (missing {missing})")
+        try:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        except (ValueError, TypeError) as e:
+            raise MetricError(f"{flag} {path}: 'mu' and 'sigma' are not numeric arrays ({e})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise MetricError(f"{flag} {path}: damaged ({type(e).__name__}: {e})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise MetricError(f"{flag} {path}: expected mu [D] and sigma [D, D], "
+                          f"got {list(mu.shape)} and {list(sigma.shape)}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricError(f"{flag} {path}: mu or sigma holds NaN or inf")
+    return mu, sigma
 
 
 def statistics(feats: np.ndarray):

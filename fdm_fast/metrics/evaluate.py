@@ -22,10 +22,9 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
-from . import MetricError, frechet_distance, statistics
+from . import MetricError, frechet_distance, load_ref, statistics
 
 METRICS = {"digits-fd": "fd", "fid": "fid"}  # name -> primary value
 
@@ -45,7 +44,7 @@ def check_metric(name: str, *, resolution: int, channels: int, inception: Option
             raise MetricError("--metric fid: needs --ref, the dataset's reference statistics "
                               "(python -m fdm_fast.fid ref --data DATA --dest REF.npz)")
         try:
-            _load_ref(ref)
+            load_ref(ref)
             inception_weights(inception)
             import torch_fidelity  # noqa: F401
         except FIDError as e:
@@ -53,15 +52,6 @@ def check_metric(name: str, *, resolution: int, channels: int, inception: Option
         except ImportError as e:
             raise MetricError(f"--metric fid: torch-fidelity is not importable ({e}); pip install torch-fidelity "
                               "and a torchvision that matches your torch") from None
-
-
-def _load_ref(path: str):
-    try:
-        with np.load(path) as f:
-            return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except (OSError, KeyError, ValueError) as e:
-        raise MetricError(f"--ref {path}: not reference statistics with 'mu' and 'sigma' ({type(e).__name__}: {e})") \
-            from None
 
 
 class SampleEvaluator:
@@ -95,7 +85,7 @@ class SampleEvaluator:
         else:
             from .inception import load_inception
 
-            self.ref = _load_ref(ref)
+            self.ref = load_ref(ref)
             self.extractor = load_inception(inception, self.device)
 
     @property
