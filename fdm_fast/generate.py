@@ -131,6 +131,10 @@ def main(argv=None) -> int:
             return 2
     if args.grid:
         parent = os.path.dirname(os.path.abspath(args.grid))
+        if os.path.isdir(args.grid):
+            print(f"error: --grid {args.grid}: is a folder; expected the PNG file to write (e.g. {args.grid}/grid.png)",
+                  file=sys.stderr)
+            return 2
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             print(f"error: --grid {args.grid}: the folder {parent} does not exist or is not writable", file=sys.stderr)
             return 2

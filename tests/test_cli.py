@@ -111,6 +111,7 @@ def test_generate_bad_options(tmp_path, capsys):
         (["--batch", "0"], "--batch: expected a positive integer"),
         (["--steps", "0"], "--steps: expected a positive integer"),
         (["--grid", str(tmp_path / "missing" / "g.png")], "does not exist or is not writable"),
+        (["--grid", str(tmp_path)], "is a folder; expected the PNG file to write"),
         (["--network", str(tmp_path / "none.pt")], "no such file"),
         (["--seeds", "5-1"], "error"),
         (["--sampler", "bogus"], "invalid choice"),
