@@ -223,6 +223,32 @@ def add_results_arg(ap) -> None:
                     help="append the rows to FILE (no FILE: benchmarks/RESULTS.md); default: print only")
 
 
+def check_outputs(ap, args) -> None:
+    """Refuse, as an argparse error (status 2), an output a benchmark could not write at its end:
+    ``--results FILE`` and ``--json FILE`` (a writable file in an existing folder) and ``--out DIR``
+    (created now). Checked before the minutes of measuring, which a bad path would otherwise lose."""
+    for flag in ("results", "json"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        path = Path(path)
+        parent = path.resolve().parent
+        if path.is_dir():
+            ap.error(f"--{flag} {path}: is a folder; expected a file")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            ap.error(f"--{flag} {path}: its folder {parent} does not exist or is not writable")
+        if path.exists() and not os.access(path, os.W_OK):
+            ap.error(f"--{flag} {path}: not writable")
+    out = getattr(args, "out", None)
+    if out is not None:
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--out {out}: cannot create it ({e.strerror})")
+        if not os.access(out, os.W_OK):
+            ap.error(f"--out {out}: not writable")
+
+
 def print_table(header: list, rows: list) -> None:
     """Rows under their column names, aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]

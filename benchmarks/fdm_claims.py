@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import add_results_arg, append_results, machine_name, print_table  # noqa: E402
+from _harness import add_results_arg, append_results, check_outputs, machine_name, print_table  # noqa: E402
 
 from fdm_fast import train  # noqa: E402
 from fdm_fast.metrics.evaluate import SampleEvaluator  # noqa: E402
@@ -171,6 +171,7 @@ def main(argv=None):
                                                                 "fdm_claims.json (beside it, or in --out)")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args)
     if args.replot:
         try:
             result = json.loads(args.replot.read_text())

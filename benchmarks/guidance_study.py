@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import add_results_arg, append_results, machine_name, print_table  # noqa: E402
+from _harness import add_results_arg, append_results, check_outputs, machine_name, print_table  # noqa: E402
 
 from fdm_fast import solvers  # noqa: E402
 from fdm_fast.metrics.digits import DigitsMetrics  # noqa: E402
@@ -45,6 +45,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args)
     try:
         net = load_snapshot(args.network, "cpu")
     except SnapshotError as e:

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (add_results_arg, append_results, cache_bytes, copy_bandwidth, deadline_after,  # noqa: E402
-                      machine_name, steady_heap, time_graphed, time_interleaved)
+from _harness import (add_results_arg, append_results, cache_bytes, check_outputs, copy_bandwidth,  # noqa: E402
+                      deadline_after, machine_name, steady_heap, time_graphed, time_interleaved)
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -287,6 +287,7 @@ def main(argv=None):
                          "limit, e.g. benchmarks/gpu_check.sh)")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args)
     if args.time_budget is not None and args.time_budget <= 0:
         ap.error(f"--time-budget: expected a positive number of seconds, got {args.time_budget}")
     deadline = deadline_after(None if args.time_budget is None else args.time_budget - 5)  # 5 s: table, files

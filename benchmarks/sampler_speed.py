@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (add_results_arg, append_results, deadline_after, machine_name, print_table,  # noqa: E402
-                      time_interleaved)
+from _harness import (add_results_arg, append_results, check_outputs, deadline_after, machine_name,  # noqa: E402
+                      print_table, time_interleaved)
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
@@ -276,6 +276,7 @@ def main(argv=None):
                          "and fewer repetitions are timed (at least one), instead of losing the run")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args)
     args.deadline = deadline_after(args.time_budget)
     device = torch.device(args.device)
     args.batch = args.batch or [64]

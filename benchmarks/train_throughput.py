@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (add_results_arg, append_results, deadline_after, machine_name, print_table,  # noqa: E402
-                      time_interleaved)  # noqa: E402
+from _harness import (add_results_arg, append_results, check_outputs, deadline_after, machine_name,  # noqa: E402
+                      print_table, time_interleaved)  # noqa: E402
 
 from fdm_fast import ops, train  # noqa: E402
 from fdm_fast.data import open_dataset  # noqa: E402
@@ -148,6 +148,7 @@ def main(argv=None):
                          "fewer timed steps are taken (at least one per row) instead of losing the run")
     add_results_arg(ap)
     args = ap.parse_args(argv)
+    check_outputs(ap, args)
     deadline = deadline_after(None if args.time_budget is None else args.time_budget - 15)  # 15 s: peak memory, table
     for flag, v in (("--batch", args.batch), ("--steps", args.steps or 1), ("--warmup", args.warmup + 1)):
         if v < 1:

@@ -180,6 +180,12 @@ def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
     ("sampler_speed.py", ["--network", "README.md", "--metric", "digits-fd"], "error: --network README.md: not a "
                                                                                "readable network snapshot"),
     ("guidance_study.py", ["--network", "none.pt"], "error: --network none.pt: no such file"),
+    # outputs that could not be written at the end are refused before the measuring (check_outputs)
+    ("ops_bandwidth.py", ["--json", "benchmarks"], "--json benchmarks: is a folder; expected a file"),
+    ("train_throughput.py", ["--results", "no-such-dir/r.md"], "its folder"),
+    ("sampler_speed.py", ["--out", "README.md/x"], "--out README.md/x: cannot create it"),
+    ("fdm_claims.py", ["--out", "README.md"], "--out README.md: cannot create it"),
+    ("guidance_study.py", ["--network", "none.pt", "--json", "no-such-dir/g.json"], "does not exist or is not writable"),
 ])
 def test_benchmark_scripts_bad_options(script, argv, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,
