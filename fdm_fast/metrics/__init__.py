@@ -25,18 +25,24 @@ def load_ref(path, flag: str = "--ref"):
     """(mu [D], sigma [D, D]) in float64 from reference statistics (``python -m fdm_fast.fid ref``, or
     EDM's ``.npz``), checked: a file that is not such statistics is a MetricError naming ``flag``, raised
     before a tool spends any time on features."""
+    def unreadable(e):
+        return MetricError(f"{flag} {path}: not reference statistics with 'mu' and 'sigma' ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'})")
+
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-        if head.startswith(b"\x93NUMPY"):
-            raise MetricError(f"{flag} {path}: expected an .npz with 'mu' and 'sigma', got a single array (.npy)")
-        if not head.startswith(b"PK\x03\x04"):  # numpy would take any other file for a pickle
-            raise MetricError(f"{flag} {path}: not reference statistics with 'mu' and 'sigma': not an .npz file "
-                              f"(it begins {head!r})")
+    except OSError as e:
+        raise unreadable(e) from None
+    if head.startswith(b"\x93NUMPY"):
+        raise MetricError(f"{flag} {path}: expected an .npz with 'mu' and 'sigma', got a single array (.npy)")
+    if not head.startswith(b"PK\x03\x04"):  # numpy would take any other file for a pickle
+        raise MetricError(f"{flag} {path}: not reference statistics with 'mu' and 'sigma': not an .npz file "
+                          f"(it begins {head!r})")
+    try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise MetricError(f"{flag} {path}: not reference statistics with 'mu' and 'sigma' ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'})") from None
+        raise unreadable(e) from None
     with z:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
