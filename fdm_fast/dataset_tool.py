@@ -123,9 +123,17 @@ def convert(source: str, dest: str, resolution: Optional[int] = None, max_images
             progress: bool = True) -> dict:
     """Write the dataset; returns a summary (count, resolution, channels, labelled)."""
     is_zip = dest.lower().endswith(".zip")
+    if not os.path.exists(source):
+        raise DatasetError(f"--source {source}: no such file or folder")
     if os.path.exists(dest):
         raise DatasetError(f"--dest {dest}: already exists; remove it or choose another path")
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(dest))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"--dest {dest}: cannot create its folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise DatasetError(f"--dest {dest}: its folder {parent} is not writable")
     tmp = dest + ".partial"
     try:
         return _convert(source, dest, tmp, is_zip, resolution, max_images, progress)

@@ -162,10 +162,14 @@ def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
         (["--source", str(tmp_path / "none"), "--dest", str(tmp_path / "out3.zip")], "--source"),
         (["--source", bad, "--dest", str(tmp_path / "out4.zip"), "--resolution", "0"], "--resolution"),
         (["--source", bad, "--dest", str(tmp_path / "out5"), "--max-images", "0"], "--max-images"),
+        (["--source", bad, "--dest", str(tmp_path / "crc.zip" / "out6.zip")], "out6.zip: cannot create its folder"),
+        (["--source", str(tmp_path / "none"), "--dest", str(tmp_path / "out7.zip")], "none: no such file or folder"),
     ]
     for argv, message in rows:
         rc, err = _run(dataset_tool, argv, capsys)
         assert rc == 2 and message in err, (argv, err)
+        if "damaged" not in message and "dataset.json" not in message:  # those two are found while reading
+            assert "img/s" not in err, (argv, err)  # an option refused before the progress bar starts
     left = sorted(p.name for p in tmp_path.iterdir())
     assert not [n for n in left if n.startswith("out")], left  # no .zip.partial, no half folder
 
