@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 from .official import OfficialFormatError, load_official, save_safetensors, to_fdm_fast
 from .snapshots import atomic_save, write_checksum
@@ -42,6 +43,12 @@ def main(argv=None) -> int:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as e:
         print(f"error: {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
+        return 2
+    try:  # a file made and removed: what os.access cannot tell (e.g. root in /proc)
+        with tempfile.TemporaryFile(dir=args.outdir):
+            pass
+    except OSError as e:
+        print(f"error: {args.outdir}: cannot write files there ({e.strerror})", file=sys.stderr)
         return 2
     ema = net.state_dict()
     atomic_save(dict(config=config, ema=ema, step=0, cur_nimg=0), os.path.join(args.outdir, "network-snapshot.pt"))

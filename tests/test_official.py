@@ -117,6 +117,14 @@ def test_convert_writes_a_snapshot_safetensors_and_json_that_all_load(tmp_path, 
     # generate takes the .pkl directly
     rc = generate.main(["--network", str(src), "--seeds", "0-3", "--steps", "3", "--grid", str(tmp_path / "g.png")])
     assert rc == 0 and (tmp_path / "g.png").stat().st_size > 0
+    capsys.readouterr()
+    # an output folder it cannot create, or cannot write in (/proc refuses new files even to root)
+    for outdir, message in ((tmp_path / "g.png" / "out", "cannot create it"), ("/proc", "cannot write files there")):
+        if outdir == "/proc" and not os.path.isdir("/proc"):
+            continue  # not Linux
+        assert convert.main([str(src), str(outdir)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {outdir}: {message}" in err, err
 
 
 class _MakesAFile:
