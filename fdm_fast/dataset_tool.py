@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .data.dataset import IMAGE_EXT, DatasetError
+from .snapshots import cannot_write
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -127,13 +128,9 @@ def convert(source: str, dest: str, resolution: Optional[int] = None, max_images
         raise DatasetError(f"--source {source}: no such file or folder")
     if os.path.exists(dest):
         raise DatasetError(f"--dest {dest}: already exists; remove it or choose another path")
-    parent = os.path.dirname(os.path.abspath(dest))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"--dest {dest}: cannot create its folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise DatasetError(f"--dest {dest}: its folder {parent} is not writable")
+    why = cannot_write(dest)
+    if why:
+        raise DatasetError(f"--dest {dest}: {why}")
     tmp = dest + ".partial"
     try:
         return _convert(source, dest, tmp, is_zip, resolution, max_images, progress)

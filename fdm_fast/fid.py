@@ -52,19 +52,6 @@ def _generated_batches(network: str, num: int, batch: int, steps: int, device):
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def _check_dest(dest: str) -> None:
-    """Raise FIDError unless ``fid ref`` can write ``dest`` (checked before any feature is computed)."""
-    if os.path.isdir(dest):
-        raise FIDError(f"--dest {dest}: is a folder; expected the .npz file to write")
-    parent = os.path.dirname(os.path.abspath(dest))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise FIDError(f"--dest {dest}: cannot create its folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise FIDError(f"--dest {dest}: its folder {parent} is not writable")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fdm_fast.fid", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +83,11 @@ def main(argv=None) -> int:
             raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
         ref = load_ref(args.ref) if args.cmd == "calc" else None  # a bad file fails now, not after the features
         if args.cmd == "ref":
-            _check_dest(args.dest)
+            from .snapshots import cannot_write
+
+            why = cannot_write(args.dest)  # before any feature is computed
+            if why:
+                raise FIDError(f"--dest {args.dest}: {why}")
         extractor = load_inception(args.inception, device)
         if args.cmd == "ref":
             num, batches = _image_batches(args.data, args.batch)

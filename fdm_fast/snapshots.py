@@ -62,6 +62,21 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def cannot_write(path: str) -> Optional[str]:
+    """Why a tool could not write the file ``path`` (its folder is created when missing), or None. For
+    checking an output before the work whose result it will hold."""
+    if os.path.isdir(path):
+        return "is a folder; expected the file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        return f"cannot create its folder ({e.strerror})"
+    if not os.access(parent, os.W_OK):
+        return f"its folder {parent} is not writable"
+    return None
+
+
 def remove(path: str) -> None:
     for p in (path, f"{path}.sha256"):
         if os.path.exists(p):

@@ -141,7 +141,7 @@ def test_fid_bad_options(tmp_path, capsys):
         (calc + [str(tmp_path / "nomu.npz")], "(missing ['mu'])"),
         (calc + [str(tmp_path / "shape.npz")], "expected mu [D] and sigma [D, D], got [4] and [3, 3]"),
         (calc + [str(tmp_path / "nan.npz")], "mu or sigma holds NaN or inf"),
-        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path)], "is a folder; expected the .npz file"),
+        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path)], "is a folder; expected the file to write"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "afile" / "r.npz")], "cannot create its folder"),
         (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "none.npz")], "no such file"),
         (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
