@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
+
+
+def eprint(msg: str) -> None:
+    """``msg`` and its newline on stderr in one write. print() writes the text and the newline apart, so
+    the lines of ranks that fail or stop together under torchrun could run into each other."""
+    sys.stderr.write(f"{msg}\n")
+    sys.stderr.flush()
 
 
 def init_distributed():

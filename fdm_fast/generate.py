@@ -27,7 +27,7 @@ import torch
 from . import ops
 from . import solvers
 from .sampling import GraphedSampler, edm_sampler
-from .distributed import init_distributed, shutdown_distributed
+from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
 from .snapshots import SnapshotError, load_snapshot
 
@@ -99,61 +99,59 @@ def main(argv=None) -> int:
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        eprint(f"error: {e}")
         return 2
     if not args.outdir and not args.grid:
-        print("error: give --outdir DIR and/or --grid FILE.png", file=sys.stderr)
+        eprint("error: give --outdir DIR and/or --grid FILE.png")
         return 2
     if args.skip_existing and (not args.outdir or args.grid):
-        print("error: --skip-existing: expected --outdir without --grid (a grid needs every image generated), got "
-              + (f"--grid {args.grid}" if args.grid else "no --outdir"), file=sys.stderr)
+        eprint("error: --skip-existing: expected --outdir without --grid (a grid needs every image generated), got "
+               + (f"--grid {args.grid}" if args.grid else "no --outdir"))
         return 2
     old_name = {"dpm2m": "dpm++2m"}.get(args.sampler, args.sampler)  # --sampler's value as a solver name
     if args.sampler and args.solver and old_name != args.solver:
-        print(f"error: --sampler {args.sampler} and --solver {args.solver} disagree (--sampler is the old name)",
-              file=sys.stderr)
+        eprint(f"error: --sampler {args.sampler} and --solver {args.solver} disagree (--sampler is the old name)")
         return 2
     args.solver = args.solver or old_name or "heun"
     fused_edm = args.solver in ("heun", "euler") and args.guidance == 1 and not args.guide_network \
         and args.schedule == "edm"  # EDM's own fused step ops (and churn)
     if args.S_churn > 0 and not fused_edm:
-        print("error: --S-churn: stochastic churn is EDM's Heun/Euler option, unguided, on the edm schedule; "
-              f"got --solver {args.solver} --schedule {args.schedule} --guidance {args.guidance}"
-              + (" with --guide-network" if args.guide_network else "") + " (dpm++2m-sde is the stochastic solver)",
-              file=sys.stderr)
+        eprint("error: --S-churn: stochastic churn is EDM's Heun/Euler option, unguided, on the edm schedule; "
+               f"got --solver {args.solver} --schedule {args.schedule} --guidance {args.guidance}"
+               + (" with --guide-network" if args.guide_network else "") + " (dpm++2m-sde is the stochastic solver)")
         return 2
     if args.guide_network and not os.path.isfile(args.guide_network):
-        print(f"error: --guide-network {args.guide_network}: no such file", file=sys.stderr)
+        eprint(f"error: --guide-network {args.guide_network}: no such file")
         return 2
     for flag, v in (("--batch", args.batch), ("--steps", args.steps)):
         if v < 1:
-            print(f"error: {flag}: expected a positive integer, got {v}", file=sys.stderr)
+            eprint(f"error: {flag}: expected a positive integer, got {v}")
             return 2
     if args.grid:
         parent = os.path.dirname(os.path.abspath(args.grid))
         if os.path.isdir(args.grid):
-            print(f"error: --grid {args.grid}: is a folder; expected the PNG file to write (e.g. {args.grid}/grid.png)",
-                  file=sys.stderr)
+            eprint(f"error: --grid {args.grid}: is a folder; expected the PNG file to write "
+                   f"(e.g. {args.grid}/grid.png)")
             return 2
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            print(f"error: --grid {args.grid}: the folder {parent} does not exist or is not writable", file=sys.stderr)
+            eprint(f"error: --grid {args.grid}: the folder {parent} does not exist or is not writable")
             return 2
     if args.outdir:
         try:
             os.makedirs(args.outdir, exist_ok=True)
         except OSError as e:
-            print(f"error: --outdir {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
+            eprint(f"error: --outdir {args.outdir}: cannot create it ({e.strerror})")
             return 2
     if not os.path.isfile(args.network):
-        print(f"error: --network {args.network}: no such file", file=sys.stderr)
+        eprint(f"error: --network {args.network}: no such file")
         return 2
     ours = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     init_distributed()
     try:
         return _generate(args, seeds, fused_edm)
     except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
-        print("\ninterrupted: " + (f"every PNG in {args.outdir} is complete; the same command with --skip-existing "
-                                    "finishes it" if args.outdir else "no grid was written"), file=sys.stderr)
+        eprint("\ninterrupted: " + (f"every PNG in {args.outdir} is complete; the same command with --skip-existing "
+                                     "finishes it" if args.outdir else "no grid was written"))
         return 130
     finally:  # on every rank, errors included (a process group left to the interpreter's exit can hang there)
         if ours:
@@ -167,23 +165,23 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
     ops.set_value_checks(device.type == "cpu")
     torch.backends.cudnn.benchmark = True
     if args.cuda_graph and device.type != "cuda":
-        print("error: --cuda-graph needs a CUDA device", file=sys.stderr)
+        eprint("error: --cuda-graph needs a CUDA device")
         return 2
     try:
         net = load_snapshot(args.network, device)
     except SnapshotError as e:
-        print(f"error: --network {e}", file=sys.stderr)
+        eprint(f"error: --network {e}")
         return 2
     guide = None
     if args.guide_network:
         try:
             guide = load_snapshot(args.guide_network, device)
         except SnapshotError as e:
-            print(f"error: --guide-network {e}", file=sys.stderr)
+            eprint(f"error: --guide-network {e}")
             return 2
     if args.guidance != 1 and guide is None and not net.label_dim:
-        print(f"error: --guidance {args.guidance}: classifier-free guidance needs a class-conditional network "
-              f"({args.network} has no labels); give --guide-network SNAP for autoguidance", file=sys.stderr)
+        eprint(f"error: --guidance {args.guidance}: classifier-free guidance needs a class-conditional network "
+               f"({args.network} has no labels); give --guide-network SNAP for autoguidance")
         return 2
     labels_for = None
     if net.label_dim:
@@ -191,12 +189,12 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
             labels_for = lambda s: torch.eye(net.label_dim, device=device)[torch.as_tensor(s, device=device)  # noqa: E731
                                                                            % net.label_dim]
         elif not 0 <= args.class_idx < net.label_dim:
-            print(f"error: --class: expected 0..{net.label_dim - 1}, got {args.class_idx}", file=sys.stderr)
+            eprint(f"error: --class: expected 0..{net.label_dim - 1}, got {args.class_idx}")
             return 2
         else:
             labels_for = lambda s: torch.eye(net.label_dim, device=device)[[args.class_idx] * len(s)]  # noqa: E731
     elif args.class_idx is not None:
-        print("error: --class: this network is unconditional", file=sys.stderr)
+        eprint("error: --class: this network is unconditional")
         return 2
     mine = seeds[rank::world]
     skipped = 0
@@ -229,7 +227,7 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         try:  # bad combinations (an order the solver does not take) fail here, before any image
             solvers.check_options(args.solver, args.steps, args.schedule, args.order)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            eprint(f"error: {e}")
             return 2
     graphed = None
     results = []

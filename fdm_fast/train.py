@@ -35,7 +35,7 @@ from .data import DatasetError, open_dataset
 from .data.augment import AUGMENT_DIM, NUM_UNIFORMS, AugmentPipe, to_device
 from .data.order import GlobalOrder
 from .loss import fdm_clamp, noise_rng, sample_uniforms, training_loss
-from .distributed import init_distributed, shutdown_distributed
+from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
 from .metrics import MetricError
 from .metrics.evaluate import METRICS, SampleEvaluator, check_metric
@@ -860,9 +860,8 @@ def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, st
         write_checkpoint(run)
     if stop:
         if rank == 0:
-            print(f"stopped by {signal.Signals(stop).name} after step {run.step} ({run.cur_nimg / 1000:g} kimg); "
-                  f"training state {ckpt_path}: run the same command with --resume auto to continue",
-                  file=sys.stderr, flush=True)
+            eprint(f"stopped by {signal.Signals(stop).name} after step {run.step} ({run.cur_nimg / 1000:g} kimg); "
+                   f"training state {ckpt_path}: run the same command with --resume auto to continue")
         # after the line, so that whatever a rank prints once it is through comes after it
         stopper.all_stopped(world)
     return dict(step=run.step, cur_nimg=run.cur_nimg, loss=last_loss, net=net, ema=ema, stopped_by=stop or None)
@@ -882,7 +881,7 @@ def main(argv=None):
         return _main(args)
     except SystemExit as e:  # our errors: the message on stderr, status 2, no traceback
         if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
+            eprint(e.code)
             return 2
         raise
 
@@ -908,7 +907,7 @@ def _main(args) -> int:
     try:
         result = training_loop(o, rank=rank, world=world, device=device)
     except (DatasetError, SnapshotError, MetricError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        eprint(f"error: {e}")
         return 2
     finally:
         shutdown_distributed()

@@ -89,6 +89,25 @@ def test_train_bad_data(tmp_path, capsys):
         assert rc == 2 and message in err, (extra, err)
 
 
+def test_error_lines_leave_in_one_write(tmp_path, monkeypatch):
+    """Ranks that fail (or stop) together under torchrun share one stderr pipe, and print() writes the
+    text and the newline apart, so their lines could run into each other: each line is one write."""
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return len(s)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert train.main([*TINY, "--outdir", str(tmp_path / "run"), "--lr", "-1"]) == 2  # train.main's SystemExit
+    assert train.main([*TINY, "--outdir", str(tmp_path / "run"), "--resume", str(tmp_path / "none.pt")]) == 2
+    assert generate.main(["--network", str(tmp_path / "none.pt"), "--grid", str(tmp_path / "g.png")]) == 2
+    errors = [w for w in writes if "error:" in w]
+    assert len(errors) == 3 and all(w.startswith("error: ") and w.endswith("\n") for w in errors), writes
+    assert "\n" not in writes, writes  # no newline written on its own
+
+
 def test_train_help_shows_the_digits_defaults():
     r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--help"], capture_output=True, text=True, cwd=ROOT)
     text = " ".join(r.stdout.split())  # argparse wraps lines
