@@ -155,7 +155,8 @@ def test_fid_bad_options(tmp_path, capsys):
     rows = [
         (calc + [str(tmp_path / "text.npz")], "text.npz: not reference statistics with 'mu' and 'sigma': not an .npz "
                                               "file (it begins b'not nump')\n"),
-        (calc + [str(tmp_path / "one.npy")], "one.npy: expected an .npz with 'mu' and 'sigma', got a single array (.npy)"),
+        (calc + [str(tmp_path / "one.npy")],
+         "one.npy: expected an .npz with 'mu' and 'sigma', got a single array (.npy)"),
         (calc + [str(tmp_path / "r.zip")], "not reference statistics with 'mu' and 'sigma' (BadZipFile"),
         (calc + [str(tmp_path / "nomu.npz")], "(missing ['mu'])"),
         (calc + [str(tmp_path / "shape.npz")], "expected mu [D] and sigma [D, D], got [4] and [3, 3]"),
@@ -208,7 +209,8 @@ def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
     ("train_throughput.py", ["--results", "no-such-dir/r.md"], "its folder"),
     ("sampler_speed.py", ["--out", "README.md/x"], "--out README.md/x: cannot create it"),
     ("fdm_claims.py", ["--out", "README.md"], "--out README.md: cannot create it"),
-    ("guidance_study.py", ["--network", "none.pt", "--json", "no-such-dir/g.json"], "does not exist or is not writable"),
+    ("guidance_study.py", ["--network", "none.pt", "--json", "no-such-dir/g.json"],
+     "does not exist or is not writable"),
 ])
 def test_benchmark_scripts_bad_options(script, argv, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,
