@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import os, sys, time, torch
 import fdm_fast.train
-from fdm_fast.distributed import shutdown_distributed
+from fdm_fast.distributed import eprint, shutdown_distributed
 from fdm_fast.train import exit_status, init_distributed, parse_args, resolve, training_loop
 slow = float(os.environ.get("SOAK_SLOW_WRITE_S", "0"))  # for the test: a training state that takes long to write
 if slow:
@@ -34,9 +34,9 @@ o.network = dict(model_channels=16, num_blocks=1, attn_resolutions=(4,)); o.chan
 rank, world, device = init_distributed()
 result = training_loop(o, rank=rank, world=world, device=device, quiet=True)
 if result["stopped_by"]:  # for the test: each rank says where it stopped (train prints it for rank 0 only)
-    # one write per line: the ranks share the stderr file and leave together, and print() writes the
-    # text and its newline separately, so two ranks' lines could interleave ("...step 12rank 1 ...")
-    sys.stderr.write(f"rank {rank} stopped after step {result['step']}\\n"); sys.stderr.flush()
+    # one write per line (eprint): the ranks share the stderr file and leave together, and print() writes
+    # the text and its newline separately, so two ranks' lines could interleave ("...step 12rank 1 ...")
+    eprint(f"rank {rank} stopped after step {result['step']}")
 shutdown_distributed()  # as train.main does
 sys.exit(exit_status(result))
 """
