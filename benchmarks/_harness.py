@@ -4,6 +4,7 @@ and appending rows to benchmarks/RESULTS.md with machine and date."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -225,28 +226,38 @@ def add_results_arg(ap) -> None:
 
 def check_outputs(ap, args) -> None:
     """Refuse, as an argparse error (status 2), an output a benchmark could not write at its end:
-    ``--results FILE`` and ``--json FILE`` (a writable file in an existing folder) and ``--out DIR``
-    (created now). Checked before the minutes of measuring, which a bad path would otherwise lose."""
+    ``--results FILE``, ``--json FILE`` and ``--out DIR`` (folders made now when missing, a file made and
+    removed in each). Checked before the minutes of measuring, which a bad path would otherwise lose."""
+    from fdm_fast.snapshots import cannot_write, cannot_write_in
+
     for flag in ("results", "json"):
         path = getattr(args, flag, None)
         if path is None:
             continue
-        path = Path(path)
-        parent = path.resolve().parent
-        if path.is_dir():
-            ap.error(f"--{flag} {path}: is a folder; expected a file")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            ap.error(f"--{flag} {path}: its folder {parent} does not exist or is not writable")
-        if path.exists() and not os.access(path, os.W_OK):
-            ap.error(f"--{flag} {path}: not writable")
+        why = cannot_write(str(path))
+        if why is None and flag == "results" and os.path.isfile(path):  # appended to in place
+            try:
+                open(path, "a").close()
+            except OSError as e:
+                why = f"cannot append to it ({e.strerror})"
+        if why is not None:
+            ap.error(f"--{flag} {path}: {why}")
     out = getattr(args, "out", None)
     if out is not None:
-        try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            ap.error(f"--out {out}: cannot create it ({e.strerror})")
-        if not os.access(out, os.W_OK):
-            ap.error(f"--out {out}: not writable")
+        why = cannot_write_in(str(out))
+        if why is not None:
+            ap.error(f"--out {out}: {why}")
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, renamed into place: an interrupted write leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def print_table(header: list, rows: list) -> None:

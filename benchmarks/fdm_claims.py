@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import add_results_arg, append_results, check_outputs, machine_name, print_table  # noqa: E402
+from _harness import (add_results_arg, append_results, check_outputs, machine_name, print_table,  # noqa: E402
+                      write_json)
 
 from fdm_fast import train  # noqa: E402
 from fdm_fast.metrics.evaluate import SampleEvaluator  # noqa: E402
@@ -272,7 +273,7 @@ def main(argv=None):
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fdm_claims.json").write_text(json.dumps(result, indent=1))
+        write_json(args.out / "fdm_claims.json", result)
         plots(result, args)
         print(f"json and plots in {args.out}")
     if args.results:

@@ -17,7 +17,6 @@ with ``--guide-network`` (e.g. an earlier snapshot of the same run), autoguidanc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import add_results_arg, append_results, check_outputs, machine_name, print_table  # noqa: E402
+from _harness import (add_results_arg, append_results, check_outputs, machine_name, print_table,  # noqa: E402
+                      write_json)
 
 from fdm_fast import solvers  # noqa: E402
 from fdm_fast.metrics.digits import DigitsMetrics  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv=None):
     if args.results:
         append_results("guidance_study", header, rows, notes, path=args.results)
     if args.json:
-        args.json.write_text(json.dumps(dict(machine=machine, rows=records), indent=1))
+        write_json(args.json, dict(machine=machine, rows=records))
 
 
 if __name__ == "__main__":

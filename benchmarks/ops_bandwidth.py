@@ -32,7 +32,6 @@ after the start and writes the table with what was measured; the notes name what
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (add_results_arg, append_results, cache_bytes, check_outputs, copy_bandwidth,  # noqa: E402
-                      deadline_after, machine_name, steady_heap, time_graphed, time_interleaved)
+                      deadline_after, machine_name, steady_heap, time_graphed, time_interleaved, write_json)
 
 from fdm_fast import ops, schedules  # noqa: E402
 
@@ -396,7 +395,7 @@ def main(argv=None):
         append_results("ops_bandwidth", header, rows, notes, path=args.results)
         print(f"appended {len(rows)} rows to {args.results}")
     if args.json:
-        args.json.write_text(json.dumps(dict(machine=machine, copy_bw=bw, rows=records, left_out=left_out), indent=1))
+        write_json(args.json, dict(machine=machine, copy_bw=bw, rows=records, left_out=left_out))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (add_results_arg, append_results, check_outputs, deadline_after, machine_name,  # noqa: E402
-                      print_table, time_interleaved)
+                      print_table, time_interleaved, write_json)
 
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
@@ -334,7 +333,7 @@ def main(argv=None):
         print_table(["solver", "NFE", mname, "images"], ftable)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sampler_speed.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
+        write_json(args.out / "sampler_speed.json", dict(machine=machine, rows=rows))
         print(f"json: {args.out / 'sampler_speed.json'}")
         png = plot(rows, str(args.out / "sampler_speed.png"))
         if png:

@@ -27,7 +27,6 @@ ffhq64, batch 64; on a CPU digits, batch 64.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (add_results_arg, append_results, check_outputs, deadline_after, machine_name,  # noqa: E402
-                      print_table, time_interleaved)  # noqa: E402
+                      print_table, time_interleaved, write_json)  # noqa: E402
 
 from fdm_fast import ops, train  # noqa: E402
 from fdm_fast.data import open_dataset  # noqa: E402
@@ -216,8 +215,8 @@ def main(argv=None):
         append_results("train_throughput", header, rows, notes, path=args.results)
         print(f"appended {len(rows)} rows to {args.results}")
     if args.json:
-        args.json.write_text(json.dumps(dict(machine=machine, network=desc, batch=args.batch,
-                                             rows=[dict(zip(header, r)) for r in rows]), indent=1))
+        write_json(args.json, dict(machine=machine, network=desc, batch=args.batch,
+                                   rows=[dict(zip(header, r)) for r in rows]))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

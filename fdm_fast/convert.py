@@ -15,10 +15,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from .official import OfficialFormatError, load_official, save_safetensors, to_fdm_fast
-from .snapshots import atomic_save, write_checksum
+from .snapshots import atomic_save, cannot_write_in, write_checksum
 
 
 def main(argv=None) -> int:
@@ -39,16 +38,9 @@ def main(argv=None) -> int:
     except (OfficialFormatError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        os.makedirs(args.outdir, exist_ok=True)
-    except OSError as e:
-        print(f"error: {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
-        return 2
-    try:  # a file made and removed: what os.access cannot tell (e.g. root in /proc)
-        with tempfile.TemporaryFile(dir=args.outdir):
-            pass
-    except OSError as e:
-        print(f"error: {args.outdir}: cannot write files there ({e.strerror})", file=sys.stderr)
+    why = cannot_write_in(args.outdir)
+    if why is not None:
+        print(f"error: {args.outdir}: {why}", file=sys.stderr)
         return 2
     ema = net.state_dict()
     atomic_save(dict(config=config, ema=ema, step=0, cur_nimg=0), os.path.join(args.outdir, "network-snapshot.pt"))

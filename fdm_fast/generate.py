@@ -29,7 +29,7 @@ from . import solvers
 from .sampling import GraphedSampler, edm_sampler
 from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
-from .snapshots import SnapshotError, load_snapshot
+from .snapshots import SnapshotError, cannot_write, cannot_write_in, load_snapshot
 
 
 def parse_seeds(s: str) -> list:
@@ -127,20 +127,16 @@ def main(argv=None) -> int:
         if v < 1:
             eprint(f"error: {flag}: expected a positive integer, got {v}")
             return 2
-    if args.grid:
-        parent = os.path.dirname(os.path.abspath(args.grid))
-        if os.path.isdir(args.grid):
-            eprint(f"error: --grid {args.grid}: is a folder; expected the PNG file to write "
-                   f"(e.g. {args.grid}/grid.png)")
-            return 2
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            eprint(f"error: --grid {args.grid}: the folder {parent} does not exist or is not writable")
+    if args.grid:  # its folder is made now, as --outdir is
+        why = (f"is a folder; expected the PNG file to write (e.g. {args.grid}/grid.png)" if os.path.isdir(args.grid)
+               else cannot_write(args.grid))
+        if why is not None:
+            eprint(f"error: --grid {args.grid}: {why}")
             return 2
     if args.outdir:
-        try:
-            os.makedirs(args.outdir, exist_ok=True)
-        except OSError as e:
-            eprint(f"error: --outdir {args.outdir}: cannot create it ({e.strerror})")
+        why = cannot_write_in(args.outdir)
+        if why is not None:
+            eprint(f"error: --outdir {args.outdir}: {why}")
             return 2
     if not os.path.isfile(args.network):
         eprint(f"error: --network {args.network}: no such file")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
 from typing import Optional
 
@@ -62,19 +63,44 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _folder_refuses(folder: str) -> Optional[tuple]:
+    """("create" or "write", the OS's reason) when ``folder`` cannot be made or a file made in it, else None.
+    A file is made and removed: ``os.access`` says yes to root in folders that still refuse new files
+    (/proc, /sys, an NFS export that squashes root)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return "create", e.strerror
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return "write", e.strerror
+    return None
+
+
+def cannot_write_in(folder: str) -> Optional[str]:
+    """Why a tool could not write files in ``folder`` (created when missing), or None. For checking an
+    output before the work whose result it will hold."""
+    refused = _folder_refuses(folder)
+    if refused is None:
+        return None
+    what, why = refused
+    return f"cannot create it ({why})" if what == "create" else f"cannot write files there ({why})"
+
+
 def cannot_write(path: str) -> Optional[str]:
-    """Why a tool could not write the file ``path`` (its folder is created when missing), or None. For
-    checking an output before the work whose result it will hold."""
+    """Why a tool could not write the file ``path`` (its folder is created when missing), or None."""
     if os.path.isdir(path):
         return "is a folder; expected the file to write"
     parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        return f"cannot create its folder ({e.strerror})"
-    if not os.access(parent, os.W_OK):
-        return f"its folder {parent} is not writable"
-    return None
+    refused = _folder_refuses(parent)
+    if refused is None:
+        return None
+    what, why = refused
+    if what == "create":
+        return f"cannot create its folder ({why})"
+    return f"cannot write files in its folder {parent} ({why})"
 
 
 def remove(path: str) -> None:

@@ -43,8 +43,9 @@ from .plots import line_plot, read_metric_records, read_tick_records, subplots
 from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler
 from .schedules import PRECONDS
-from .snapshots import (SnapshotError, atomic_save, checkpoints, load_snapshot, load_state,  # noqa: F401
-                        newest_valid_checkpoint, normalise_config, remove, remove_stale_temp_files, snapshot_name)
+from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
+                        load_state, newest_valid_checkpoint, normalise_config, remove, remove_stale_temp_files,
+                        snapshot_name)
 
 # Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
 # network for the embedded digits that trains to recognisable samples in minutes on a 2-core CPU.
@@ -898,12 +899,9 @@ def _main(args) -> int:
     if args.dry_run:
         return 0
     if rank == 0:
-        try:
-            os.makedirs(o.outdir, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"error: --outdir {o.outdir}: cannot create it ({e.strerror})") from None
-        if not os.access(o.outdir, os.W_OK):
-            raise SystemExit(f"error: --outdir {o.outdir}: not writable")
+        why = cannot_write_in(o.outdir)
+        if why is not None:
+            raise SystemExit(f"error: --outdir {o.outdir}: {why}")
     try:
         result = training_loop(o, rank=rank, world=world, device=device)
     except (DatasetError, SnapshotError, MetricError) as e:

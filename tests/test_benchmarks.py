@@ -174,3 +174,28 @@ def test_ops_bandwidth_time_budget_writes_what_it_measured_and_names_the_rest(tm
     assert "Not measured within --time-budget 600 s: euler step 64x3x64x64 fp32 (all)" in text
     with pytest.raises(SystemExit):  # a budget that is no budget is refused by name
         ob.main(["--time-budget", "0"])
+
+
+def test_write_json_replaces_the_file_whole(tmp_path, monkeypatch):
+    """A benchmark's JSON goes to a temporary name and is renamed: a write that fails half-way (disk
+    full, a kill) leaves the previous file as it was, and no temporary file beside it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    from _harness import write_json
+
+    path = tmp_path / "r.json"
+    write_json(path, dict(rows=[1, 2]))
+    assert json.loads(path.read_text()) == dict(rows=[1, 2])
+
+    def half_then_fail(self, text, *a, **k):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError):
+        write_json(path, dict(rows=list(range(100))))
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == dict(rows=[1, 2])
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

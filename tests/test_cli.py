@@ -80,9 +80,12 @@ def test_train_bad_data(tmp_path, capsys):
         (["--ds", _zip(tmp_path / "crc.zip", bad_crc=True)], "the zip member is damaged"),
         (["--ds", _zip(tmp_path / "lab.zip", labels="{not json"), "--cond"], "not a valid dataset.json"),
         (["--resume", str(tmp_path / "missing.pt")], "no such file"),
-        (["--outdir", "/proc/fdm_fast_cannot_write_here"], "--outdir /proc/fdm_fast_cannot_write_here"),
+        (["--outdir", "/proc/fdm_fast_cannot_write_here"], "--outdir /proc/fdm_fast_cannot_write_here: cannot create"),
+        (["--outdir", "/proc"], "--outdir /proc: cannot write files there"),  # os.access says yes to root here
     ]
     for extra, message in rows:
+        if "/proc" in " ".join(extra) and not os.path.isdir("/proc"):
+            continue
         argv = [a for a in TINY if a not in ("--ds", "digits", "--resolution", "8")] if extra[0] == "--ds" else TINY
         argv = [*argv, "--outdir", str(tmp_path / "run"), *extra]
         rc, err = _run(train, argv, capsys)
@@ -129,16 +132,38 @@ def test_generate_bad_options(tmp_path, capsys):
     rows = [
         (["--batch", "0"], "--batch: expected a positive integer"),
         (["--steps", "0"], "--steps: expected a positive integer"),
-        (["--grid", str(tmp_path / "missing" / "g.png")], "does not exist or is not writable"),
+        (["--grid", str(tmp_path / "snap.pt" / "g.png")], "g.png: cannot create its folder"),
+        (["--grid", "/proc/g.png"], "--grid /proc/g.png: cannot write files in its folder /proc"),  # though root
         (["--grid", str(tmp_path)], "is a folder; expected the PNG file to write"),
+        (["--outdir", str(tmp_path / "snap.pt" / "out")], "--outdir " + str(tmp_path / "snap.pt" / "out") + ": cannot "
+                                                           "create it"),
+        (["--outdir", "/proc"], "--outdir /proc: cannot write files there"),
         (["--network", str(tmp_path / "none.pt")], "no such file"),
         (["--seeds", "5-1"], "error"),
         (["--sampler", "bogus"], "invalid choice"),
     ]
     for extra, message in rows:
+        if "/proc" in " ".join(extra) and not os.path.isdir("/proc"):
+            continue
         argv = ["--network", str(snap), "--grid", str(tmp_path / "g.png"), *extra]
         rc, err = _run(generate, argv, capsys)
         assert rc == 2 and message in err, (extra, err)
+
+
+def test_generate_grid_makes_its_folder(tmp_path, capsys):
+    """--grid into a folder that does not exist yet: made before sampling, as --outdir, fid's --dest and
+    dataset_tool's --dest are."""
+    import torch
+
+    from fdm_fast.nn import build_denoiser
+
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
+               network=dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=()))
+    snap = tmp_path / "snap.pt"
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    grid = tmp_path / "new" / "sub" / "g.png"
+    rc, err = _run(generate, ["--network", str(snap), "--seeds", "0-1", "--steps", "2", "--grid", str(grid)], capsys)
+    assert rc == 0 and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
 
 
 def test_fid_bad_options(tmp_path, capsys):
@@ -163,12 +188,15 @@ def test_fid_bad_options(tmp_path, capsys):
         (calc + [str(tmp_path / "nan.npz")], "mu or sigma holds NaN or inf"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path)], "is a folder; expected the file to write"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "afile" / "r.npz")], "cannot create its folder"),
+        (["ref", "--data", str(tmp_path), "--dest", "/sys/r.npz"], "--dest /sys/r.npz: cannot write files in its folder"),
         (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "none.npz")], "no such file"),
         (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz")], "error"),  # no weights here
     ]
     for argv, message in rows:
+        if "/sys" in " ".join(argv) and not os.path.isdir("/sys"):
+            continue
         rc, err = _run(fid, argv, capsys)
         assert rc == 2 and message in err and err.count("error:") == 1, (argv, err)
 
@@ -205,14 +233,17 @@ def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
                                                                                "readable network snapshot"),
     ("guidance_study.py", ["--network", "none.pt"], "error: --network none.pt: no such file"),
     # outputs that could not be written at the end are refused before the measuring (check_outputs)
-    ("ops_bandwidth.py", ["--json", "benchmarks"], "--json benchmarks: is a folder; expected a file"),
-    ("train_throughput.py", ["--results", "no-such-dir/r.md"], "its folder"),
+    ("ops_bandwidth.py", ["--json", "benchmarks"], "--json benchmarks: is a folder; expected the file to write"),
+    ("train_throughput.py", ["--results", "README.md/r.md"], "--results README.md/r.md: cannot create its folder"),
+    ("train_throughput.py", ["--results", "/proc/r.md"], "--results /proc/r.md: cannot write files in its folder"),
     ("sampler_speed.py", ["--out", "README.md/x"], "--out README.md/x: cannot create it"),
     ("fdm_claims.py", ["--out", "README.md"], "--out README.md: cannot create it"),
-    ("guidance_study.py", ["--network", "none.pt", "--json", "no-such-dir/g.json"],
-     "does not exist or is not writable"),
+    ("fdm_claims.py", ["--out", "/proc"], "--out /proc: cannot write files there"),
+    ("guidance_study.py", ["--network", "none.pt", "--json", "README.md/g.json"], "cannot create its folder"),
 ])
 def test_benchmark_scripts_bad_options(script, argv, message):
+    if "/proc" in " ".join(argv) and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
