@@ -21,9 +21,10 @@
 #   c      (GPU_CHECK_MODE=c, stage limits sum to 360 s; what is left of a session after b):
 #          sampler_speed.py at batch 1, ops_bandwidth.py with device time, the CUDA-graph tests (every sampler
 #          and solver), the dispatch tests and ops.multistep on the cuda and triton backends
-#   pending (GPU_CHECK_MODE=pending, stage limits sum to 485 s): only what issues 12 and 13 still wait for
+#   pending (GPU_CHECK_MODE=pending, stage limits sum to 515 s): only what issues 12 and 13 still wait for
 #          after the H200 runs of 2026-11-29: the -lstdc++ build's argument errors (ext_probe, test_extension),
-#          ops.multistep on cuda and triton with its opcheck, every solver captured in a CUDA graph, the
+#          ops.multistep on cuda and triton with its opcheck, the Triton loss that keeps its gradient (both
+#          backward paths, its opcheck, torch.compile), every solver captured in a CUDA graph, the
 #          sync check with the default (cuda) backend, the batch-64 sampler table with its bf16-network row,
 #          and the ops that draw noise at 256x3x64x64 (Box-Muller on polynomials since 2026-11-30), with
 #          perturb+loss (the pair a training step calls)
@@ -118,9 +119,12 @@ elif [ "$mode" = "a" ]; then
   stage sampler 110 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
     --batch 64 --speed-nfe 35 --nfe 13 35 --nfe-samples 500 --reps 3
 elif [ "$mode" = "pending" ]; then
-  stage tests 100 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist -k "not lower_cpu_builds" \
+  # the Triton loss that keeps its gradient (2026-12-07): both backward paths and torch.compile(fullgraph)
+  stage tests 130 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist -k "not lower_cpu_builds" \
     tests/test_extension.py tests/test_multistep.py tests/test_opcheck.py \
-    tests/test_sampling.py::test_cuda_graph_solvers_equal_eager
+    tests/test_sampling.py::test_cuda_graph_solvers_equal_eager \
+    tests/test_ops.py::test_triton_loss_backward_with_and_without_a_saved_gradient \
+    tests/test_autograd_compile.py::test_torch_compile_fullgraph_triton_backend_gpu
   stage sync 40 "$out/sync.log" $py benchmarks/sync_check.py --steps 3
   # the bf16-network row comes last and compiles the UNet a second time (the fp32 compile took 42 s on the
   # H200): 115 s of budget would leave it about 10 s to spare

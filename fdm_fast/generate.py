@@ -89,7 +89,8 @@ def main(argv=None) -> int:
                     help="with --outdir: do not generate seeds whose PNG is already there, so a run cut short "
                          "continues where it stopped (each image depends on its seed only; PNGs are written "
                          "under a temporary name and renamed, so one that exists is complete)")
-    ap.add_argument("--grid", default=None, help="write all images as one grid PNG here")
+    ap.add_argument("--grid", default=None,
+                    help="write all images as one grid PNG here (its folder is made when missing)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="network precision (default fp32)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the network (default: on with CUDA)")

@@ -38,19 +38,18 @@ def _cases(ns, device, cl):
                          torch.float32)),
         (ops.heun_step, (i["x"], i["d"], i["y"], i["s"] * 2, i["s"], None, i["rng"], None, 1.0, *spec,
                          torch.float32)),
+        (ops.loss_fwd, (i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec, True)),
+        (ops.loss_fwd, (i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec, False)),
+        (ops.loss_bwd, (i["s"], i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec)),
+        (ops.scale_grad, (i["y"], i["s"])),
     ]
     if ns == "fdm_fast_ext":
         cases += [
-            (ops.loss_fwd, (i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec, True)),
-            (ops.loss_bwd, (i["s"], i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec)),
-            (ops.scale_grad, (i["y"], i["s"])),
             (ops.euler_step, (i["x"], i["y"], i["s"] * 2, i["s"], *spec, torch.float32, True, False)),
             (ops.euler_step, (i["x"], i["y"], i["s"] * 2, i["s"], *spec, torch.float32, False, False)),
         ]
     else:
         cases += [
-            (ops.loss_fwd, (i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec)),
-            (ops.loss_bwd, (i["s"], i["F"], i["y"], i["s"], i["rng"], None, i["clamp"], *spec)),
             (ops.euler_step, (i["x"], i["y"], i["s"] * 2, i["s"], *spec, torch.float32, False, True)),
             (ops.churn, (i["x"], i["s"], None, i["rng"], None, 1.0, *spec, torch.float32)),
         ]

@@ -249,3 +249,34 @@ def test_cpu_backend_same_with_one_and_two_threads(layout):
         torch.set_num_threads(before)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_loss_backward_with_and_without_a_saved_gradient(poison, dtype, layout):
+    """The Triton loss keeps G = 2 w c_out (D - y) from its forward when a gradient will be needed
+    (backward: one scale, scale_grad); a forward that kept none regenerates the noise (loss_bwd). Both
+    against the float64 reference, on fresh inputs."""
+    from fdm_fast.ops import triton_loss
+
+    p = schedules.get_precond("fdm_ve")
+    seed = int(torch.randint(0, 2**31, (1,)))  # fresh inputs each run, named in a failure
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda: _dev(torch.randn(5, 3, 6, 7, generator=g), layout, dtype)  # noqa: E731
+    F, y = mk(), mk()
+    s = torch.exp(torch.randn(5, generator=g)).float().to(DEVICE)
+    grad = (torch.rand(5, generator=g) + 0.5).to(DEVICE)
+    r, clamp = torch.tensor([[123, 4]], device=DEVICE), torch.tensor([30.0], device=DEVICE)
+    kind, fdm, params = p.kernel_spec()
+    want = ops.reference.denoise_loss_backward(grad.double(), F.double(), y.double(), s.double(), p, r, None,
+                                               clamp.double())
+    eager = ops.reference.denoise_loss_backward(grad, F, y, s, p, r, None, clamp)
+    for save in (True, False):
+        Fg = F.clone().requires_grad_(True)
+        per_sample, G = triton_loss.loss_fwd(Fg, y, s, r, None, clamp, kind, fdm, list(params), save)
+        assert G.shape == (F.shape if save else (0,))
+        per_sample.backward(grad)
+        assert Fg.grad.dtype == dtype
+        assert Fg.grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        assert_close(f"dF (save_grad={save}, inputs from seed {seed})", Fg.grad, want, eager)

@@ -20,8 +20,8 @@ import pytest
 from conftest import HAS_TRITON
 
 HERE = Path(__file__).resolve().parent
-KERNELS = ("_perturb_kernel", "_randn_kernel", "_loss_fwd_kernel", "_loss_bwd_kernel", "_churn_kernel",
-           "_euler_kernel", "_heun_kernel", "_multistep_kernel")
+KERNELS = ("_perturb_kernel", "_randn_kernel", "_loss_fwd_kernel", "_loss_bwd_kernel", "_scale_grad_kernel",
+           "_churn_kernel", "_euler_kernel", "_heun_kernel", "_multistep_kernel")
 
 
 def _nvidia_backend():
@@ -141,7 +141,7 @@ def test_a_kernel_only_the_interpreter_accepts_fails_the_check(tmp_path):
     assert interp.returncode == 0 and "interpreted fine" in interp.stdout, interp.stdout + interp.stderr
 
 
-OPS = ("perturb", "randn", "churn", "heun_step", "loss_fwd", "loss_bwd", "euler_step", "multistep")
+OPS = ("perturb", "randn", "churn", "heun_step", "loss_fwd", "loss_bwd", "scale_grad", "euler_step", "multistep")
 
 
 def test_torch_compile_sees_each_triton_kernel_write_exactly_its_outputs(tmp_path):
@@ -151,7 +151,7 @@ def test_torch_compile_sees_each_triton_kernel_write_exactly_its_outputs(tmp_pat
     res = _run(["--functional"], tmp_path)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     rows = [line.split() for line in res.stdout.splitlines() if line.startswith("  fdm_fast_triton::")]
-    assert len(rows) == 22, res.stdout
+    assert len(rows) == 26, res.stdout
     assert {(r[0].split("::")[1], r[1]) for r in rows} == {(o, f"({lay})") for o in OPS
                                                           for lay in ("contiguous", "channels_last")}
     assert "every kernel writes exactly its outputs" in res.stdout

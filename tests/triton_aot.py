@@ -138,6 +138,9 @@ def calls():
             out.append((f"loss fwd+bwd {lay} {name} fdm_vp clamp",
                         lambda mk=mk, dt=dt: _loss(ops, mk(*shape, dtype=dt).requires_grad_(), mk(*shape, dtype=dt),
                                                    sig, "fdm_vp", clamp=3.0, seed=7, **T)))
+            out.append((f"loss fwd (no saved gradient)+bwd {lay} {name} fdm_edm",
+                        lambda mk=mk, dt=dt: _loss_regenerating(mk(*shape, dtype=dt).requires_grad_(),
+                                                                mk(*shape, dtype=dt), sig, "fdm_edm", seeds)))
             out.append((f"euler {lay} net {name}",
                         lambda mk=mk, dt=dt: ops.euler_step(mk(*shape), mk(*shape, dtype=dt), sig, sig * 0.5, "edm",
                                                             net_dtype=dt, **T)))
@@ -198,6 +201,19 @@ def _loss(ops, F, y, sigma, pre, **kw):
     loss = ops.denoise_loss(F, y, sigma, pre, **kw)
     loss.backward()
     return loss
+
+
+def _loss_regenerating(F, y, sigma, pre, seeds):
+    """The raw op's backward when its forward kept no gradient: loss_bwd, which draws the noise again."""
+    from fdm_fast import schedules
+    from fdm_fast.ops import triton_loss
+
+    kind, fdm, params = schedules.get_precond(pre).kernel_spec()
+    rng = torch.stack([seeds, torch.zeros_like(seeds)], dim=1)
+    per_sample, _ = triton_loss.loss_fwd(F, y, sigma.float(), rng, None, torch.tensor([3.0]), kind, fdm, list(params),
+                                         False)
+    per_sample.sum().backward()
+    return per_sample
 
 
 def functional_view(arch: int = 90) -> int:

@@ -138,14 +138,14 @@ def denoise_loss(F: torch.Tensor, y: torch.Tensor, sigma, precond, *, seed=0, of
     s = V.sigma("sigma", sigma, B, F.device, dtype=sdt)
     rng = V.rng(seed, offset, B, F.device) if noise is None else V.no_rng(seed, offset, F.device)
     c = V.clamp(clamp, F.device, dtype=sdt)
+    # The fused backends write the unscaled gradient in the forward when one will be needed, so the
+    # backward is a per-sample scale instead of a second noise pass.
+    save = torch.is_grad_enabled() and F.requires_grad
     if be == "torch":
         per_sample = reference.denoise_loss(F, y, s, p, rng, noise, c)
     elif be == "triton":
-        per_sample = triton_module("loss").loss_fwd(F, y, s, rng, noise, c, *_spec(p))
+        per_sample, _ = triton_module("loss").loss_fwd(F, y, s, rng, noise, c, *_spec(p), save)
     else:
-        # The compiled backends write the unscaled gradient in the forward when one will be needed,
-        # so the backward is a per-sample scale instead of a second noise pass.
-        save = torch.is_grad_enabled() and F.requires_grad
         per_sample = _ext_call(be, "loss_fwd", F, y, s, rng, noise, c, *_spec(p), save)
     if reduction == "mean":
         return per_sample.mean()
