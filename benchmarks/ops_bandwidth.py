@@ -102,7 +102,7 @@ class Perturb(Op):
 
 class Loss(Op):
     name = "loss fwd+bwd"
-    doc = "fwd: read F, y; bwd: read F, y, write dF"
+    doc = "fwd: read F, y, write G; bwd: read G, write dF (G = the unscaled gradient the forward keeps)"
 
     def inputs(self, shape, dtype, device, g):
         i = Perturb().inputs(shape, dtype, device, g)
