@@ -121,6 +121,9 @@ def main(argv=None) -> int:
                f"got --solver {args.solver} --schedule {args.schedule} --guidance {args.guidance}"
                + (" with --guide-network" if args.guide_network else "") + " (dpm++2m-sde is the stochastic solver)")
         return 2
+    if not os.path.isfile(args.network):
+        eprint(f"error: --network {args.network}: no such file")
+        return 2
     if args.guide_network and not os.path.isfile(args.guide_network):
         eprint(f"error: --guide-network {args.guide_network}: no such file")
         return 2
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
         if v < 1:
             eprint(f"error: {flag}: expected a positive integer, got {v}")
             return 2
-    if args.grid:  # its folder is made now, as --outdir is
+    if args.grid:  # its folder is made now, as --outdir is (last: a refused command leaves no folder behind)
         why = (f"is a folder; expected the PNG file to write (e.g. {args.grid}/grid.png)" if os.path.isdir(args.grid)
                else cannot_write(args.grid))
         if why is not None:
@@ -139,9 +142,6 @@ def main(argv=None) -> int:
         if why is not None:
             eprint(f"error: --outdir {args.outdir}: {why}")
             return 2
-    if not os.path.isfile(args.network):
-        eprint(f"error: --network {args.network}: no such file")
-        return 2
     ours = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     init_distributed()
     try:

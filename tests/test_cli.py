@@ -148,6 +148,11 @@ def test_generate_bad_options(tmp_path, capsys):
         argv = ["--network", str(snap), "--grid", str(tmp_path / "g.png"), *extra]
         rc, err = _run(generate, argv, capsys)
         assert rc == 2 and message in err, (extra, err)
+    # output folders are made only once every other option has passed
+    rc, err = _run(generate, ["--network", str(tmp_path / "none.pt"), "--outdir", str(tmp_path / "out"), "--grid",
+                              str(tmp_path / "grids" / "g.png")], capsys)
+    assert rc == 2 and "none.pt: no such file" in err and not (tmp_path / "out").exists(), err
+    assert not (tmp_path / "grids").exists()
 
 
 def test_generate_grid_makes_its_folder(tmp_path, capsys):
@@ -188,7 +193,8 @@ def test_fid_bad_options(tmp_path, capsys):
         (calc + [str(tmp_path / "nan.npz")], "mu or sigma holds NaN or inf"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path)], "is a folder; expected the file to write"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "afile" / "r.npz")], "cannot create its folder"),
-        (["ref", "--data", str(tmp_path), "--dest", "/sys/r.npz"], "--dest /sys/r.npz: cannot write files in its folder"),
+        (["ref", "--data", str(tmp_path), "--dest", "/sys/r.npz"],
+         "--dest /sys/r.npz: cannot write files in its folder"),
         (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "none.npz")], "no such file"),
         (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
