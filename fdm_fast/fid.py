@@ -88,9 +88,10 @@ def main(argv=None) -> int:
             why = cannot_write(args.dest)  # before any feature is computed
             if why:
                 raise FIDError(f"--dest {args.dest}: {why}")
+        if args.cmd == "ref" or args.images:  # read (and a bad dataset refused) before Inception loads
+            num, batches = _image_batches(args.data if args.cmd == "ref" else args.images, args.batch)
         extractor = load_inception(args.inception, device)
         if args.cmd == "ref":
-            num, batches = _image_batches(args.data, args.batch)
             mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid ref"))
             tmp = f"{args.dest}.tmp{os.getpid()}"
             with open(tmp, "wb") as f:  # a file object: np.savez adds no .npz, --dest is the name written
@@ -98,9 +99,7 @@ def main(argv=None) -> int:
             os.replace(tmp, args.dest)
             print(f"wrote {args.dest}")
             return 0
-        if args.images:
-            num, batches = _image_batches(args.images, args.batch)
-        else:
+        if not args.images:
             num, batches = args.num, _generated_batches(args.network, args.num, args.batch, args.steps, device)
         mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid calc"))
         print(f"FID {frechet_distance(mu, sigma, *ref):.4f}")

@@ -181,6 +181,7 @@ def test_fid_bad_options(tmp_path, capsys):
     np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2))
     (tmp_path / "afile").write_text("")
     (tmp_path / "r.zip").write_bytes(b"PK\x03\x04" + bytes(60))  # a zip's magic, nothing after it
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
     calc = ["calc", "--images", str(tmp_path), "--ref"]
     rows = [
         (calc + [str(tmp_path / "text.npz")], "text.npz: not reference statistics with 'mu' and 'sigma': not an .npz "
@@ -199,6 +200,9 @@ def test_fid_bad_options(tmp_path, capsys):
         (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
         (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz")], "error"),  # no weights here
+        # the images are read before Inception loads (here without weights: the dataset's message comes first)
+        (["ref", "--data", str(tmp_path / "none.zip"), "--dest", str(tmp_path / "r.npz")], "none.zip"),
+        (["calc", "--images", str(tmp_path / "r.zip"), "--ref", str(tmp_path / "ok.npz")], "r.zip"),
     ]
     for argv, message in rows:
         if "/sys" in " ".join(argv) and not os.path.isdir("/sys"):

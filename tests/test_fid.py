@@ -30,15 +30,21 @@ def test_frechet_distance_matches_scipy(dim, n):
 
 
 def test_fid_cli_without_weights_says_what_file_is_needed(tmp_path):
+    from PIL import Image
+
     np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    imgs = tmp_path / "imgs"  # readable images: they are read before the weights are looked for
+    imgs.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, dtype=np.uint8)).save(imgs / f"{i}.png")
     env = dict(os.environ, PYTHONPATH=os.getcwd(), TORCH_HOME=str(tmp_path / "hub"))
     env.pop("FDM_FAST_INCEPTION", None)
-    r = subprocess.run([sys.executable, "-m", "fdm_fast.fid", "calc", "--images", str(tmp_path), "--ref",
+    r = subprocess.run([sys.executable, "-m", "fdm_fast.fid", "calc", "--images", str(imgs), "--ref",
                         str(tmp_path / "ref.npz")], capture_output=True, text=True, env=env)
     assert r.returncode == 2
     assert "weights-inception-2015-12-05-6726825d.pth" in r.stderr and "--inception" in r.stderr
     assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "fdm_fast.fid", "ref", "--data", str(tmp_path), "--dest",
+    r = subprocess.run([sys.executable, "-m", "fdm_fast.fid", "ref", "--data", str(imgs), "--dest",
                         str(tmp_path / "x.npz"), "--inception", str(tmp_path / "nope.pth")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "nope.pth: no such file" in r.stderr and "Traceback" not in r.stderr
