@@ -82,14 +82,14 @@ def main(argv=None) -> int:
         if args.cmd == "calc" and not os.path.isfile(args.ref):
             raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
         ref = load_ref(args.ref) if args.cmd == "calc" else None  # a bad file fails now, not after the features
-        if args.cmd == "ref":
+        if args.cmd == "ref" or args.images:  # read (and a bad dataset refused) before Inception loads
+            num, batches = _image_batches(args.data if args.cmd == "ref" else args.images, args.batch)
+        if args.cmd == "ref":  # after the data is read: a bad --data leaves no new folder behind
             from .snapshots import cannot_write
 
             why = cannot_write(args.dest)  # before any feature is computed
             if why:
                 raise FIDError(f"--dest {args.dest}: {why}")
-        if args.cmd == "ref" or args.images:  # read (and a bad dataset refused) before Inception loads
-            num, batches = _image_batches(args.data if args.cmd == "ref" else args.images, args.batch)
         extractor = load_inception(args.inception, device)
         if args.cmd == "ref":
             mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid ref"))

@@ -898,6 +898,7 @@ def _main(args) -> int:
         print(json.dumps(dataclasses.asdict(o), indent=2, default=str))
     if args.dry_run:
         return 0
+    made = rank == 0 and not os.path.exists(o.outdir)
     if rank == 0:
         why = cannot_write_in(o.outdir)
         if why is not None:
@@ -909,6 +910,8 @@ def _main(args) -> int:
         return 2
     finally:
         shutdown_distributed()
+        if made and os.path.isdir(o.outdir) and not os.listdir(o.outdir):
+            os.rmdir(o.outdir)  # a run refused before it wrote anything (a bad --data, say) leaves no folder
     if rank == 0 and not result["stopped_by"]:
         print(f"done: checkpoints, snapshots and sample grids in {o.outdir}")
     return exit_status(result)

@@ -95,6 +95,7 @@ def test_train_bad_data(tmp_path, capsys):
         argv = [*argv, "--outdir", str(tmp_path / "run"), *extra]
         rc, err = _run(train, argv, capsys)
         assert rc == 2 and message in err, (extra, err)
+        assert not (tmp_path / "run").exists(), (extra, "a refused run left its new --outdir behind")
 
 
 def test_error_lines_leave_in_one_write(tmp_path, monkeypatch):
@@ -187,6 +188,7 @@ def test_fid_bad_options(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     (tmp_path / "r.zip").write_bytes(b"PK\x03\x04" + bytes(60))  # a zip's magic, nothing after it
     np.savez(tmp_path / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
+    good = _zip(tmp_path / "good.zip")  # readable images: the rows about --dest get past --data
     calc = ["calc", "--images", str(tmp_path), "--ref"]
     rows = [
         (calc + [str(tmp_path / "text.npz")], "text.npz: not reference statistics with 'mu' and 'sigma': not an .npz "
@@ -197,16 +199,16 @@ def test_fid_bad_options(tmp_path, capsys):
         (calc + [str(tmp_path / "nomu.npz")], "(missing ['mu'])"),
         (calc + [str(tmp_path / "shape.npz")], "expected mu [D] and sigma [D, D], got [4] and [3, 3]"),
         (calc + [str(tmp_path / "nan.npz")], "mu or sigma holds NaN or inf"),
-        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path)], "is a folder; expected the file to write"),
-        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "afile" / "r.npz")], "cannot create its folder"),
-        (["ref", "--data", str(tmp_path), "--dest", "/sys/r.npz"],
+        (["ref", "--data", good, "--dest", str(tmp_path)], "is a folder; expected the file to write"),
+        (["ref", "--data", good, "--dest", str(tmp_path / "afile" / "r.npz")], "cannot create its folder"),
+        (["ref", "--data", good, "--dest", "/sys/r.npz"],
          "--dest /sys/r.npz: cannot write files in its folder"),
         (["calc", "--images", str(tmp_path), "--ref", str(tmp_path / "none.npz")], "no such file"),
         (["calc", "--network", str(tmp_path / "none.pt"), "--ref", str(tmp_path / "r.npz")], "--network"),
-        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
-        (["ref", "--data", str(tmp_path), "--dest", str(tmp_path / "r.npz")], "error"),  # no weights here
+        (["ref", "--data", good, "--dest", str(tmp_path / "r.npz"), "--batch", "0"], "--batch: expected"),
+        (["ref", "--data", good, "--dest", str(tmp_path / "r.npz")], "error"),  # no weights here
         # the images are read before Inception loads (here without weights: the dataset's message comes first)
-        (["ref", "--data", str(tmp_path / "none.zip"), "--dest", str(tmp_path / "r.npz")], "none.zip"),
+        (["ref", "--data", str(tmp_path / "none.zip"), "--dest", str(tmp_path / "new" / "r.npz")], "none.zip"),
         (["calc", "--images", str(tmp_path / "r.zip"), "--ref", str(tmp_path / "ok.npz")], "r.zip"),
     ]
     for argv, message in rows:
@@ -214,6 +216,7 @@ def test_fid_bad_options(tmp_path, capsys):
             continue
         rc, err = _run(fid, argv, capsys)
         assert rc == 2 and message in err and err.count("error:") == 1, (argv, err)
+    assert not (tmp_path / "new").exists()  # a bad --data is refused before --dest's folder is made
 
 
 def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
