@@ -167,13 +167,11 @@ def _samples_uint8(net, solver, steps, num, batch, device, schedule="edm"):
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def nfe_digits_fd(args, device):
+def nfe_digits_fd(args, net, device):
     """Digits FD vs NFE per solver for a snapshot trained on the embedded digits (fdm_fast.metrics.digits:
     the Frechet distance of a small digits classifier's features to the digits test split)."""
     from fdm_fast.metrics.evaluate import SampleEvaluator
-    from fdm_fast.snapshots import load_snapshot
 
-    net = load_snapshot(str(args.network), device)
     rows, scorer = [], None
     for solver in args.solvers:
         for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
@@ -187,14 +185,12 @@ def nfe_digits_fd(args, device):
     return rows
 
 
-def nfe_fid(args, device, extractor=None):
+def nfe_fid(args, net, device, extractor=None):
     """FID vs NFE per sampler for a trained snapshot against reference statistics (fdm_fast.fid)."""
     from fdm_fast.metrics import frechet_distance, load_ref, statistics
     from fdm_fast.metrics.inception import features, load_inception
-    from fdm_fast.snapshots import load_snapshot
 
     ref_mu, ref_sigma = load_ref(args.ref)
-    net = load_snapshot(str(args.network), device)
     extractor = extractor or load_inception(args.inception, device)
     rows = []
     for solver in args.solvers:
@@ -285,11 +281,14 @@ def main(argv=None):
     speed_args.nfe = args.speed_nfe or (args.nfe if device.type == "cuda" else [13, 35])
     if args.network is not None:  # fail early, before minutes of timing
         from fdm_fast.metrics import MetricError, load_ref
+        from fdm_fast.metrics.evaluate import check_metric
         from fdm_fast.metrics.inception import FIDError, inception_weights
         from fdm_fast.snapshots import SnapshotError, load_snapshot
 
         try:
-            load_snapshot(str(args.network))
+            net = load_snapshot(str(args.network), device)  # loaded once, here, for the study at the end
+            if args.metric == "digits-fd":  # a network of other images: said now, not after the speed part
+                check_metric(args.metric, resolution=net.img_resolution, channels=net.img_channels)
             if args.metric == "fid":
                 if args.ref is None or not args.ref.is_file():
                     raise FIDError(f"--ref {args.ref}: the FID study needs reference statistics "
@@ -302,7 +301,7 @@ def main(argv=None):
             ap.error(str(e))
     rows = ([] if args.no_speed else speed(speed_args, device)) + ([] if args.no_nfe_study else nfe_analytic(args))
     if args.network is not None:
-        rows += nfe_fid(args, device) if args.metric == "fid" else nfe_digits_fd(args, device)
+        rows += nfe_fid(args, net, device) if args.metric == "fid" else nfe_digits_fd(args, net, device)
     machine = machine_name(device)
     print(machine)
     header = ["kind", "what", "batch", "NFE", "variant", "img/s", "ms/NFE", "first call s", "reps"]

@@ -1,5 +1,6 @@
 """Fréchet distance against scipy's sqrtm; the FID CLI's message when the Inception weights are absent."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,9 +78,41 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
 
     args = argparse.Namespace(network=tmp_path / "snap.pt", ref=tmp_path / "ref.npz", inception=None, nfe=[3, 5],
                               fid_num=24, batch=[12], solvers=list(solvers.SOLVERS), schedule="edm")
-    rows = sampler_speed.nfe_fid(args, torch.device("cpu"), extractor=stand_in)
+    from fdm_fast.snapshots import load_snapshot
+
+    net = load_snapshot(str(args.network))
+    rows = sampler_speed.nfe_fid(args, net, torch.device("cpu"), extractor=stand_in)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [(s, n) for s in solvers.SOLVERS for n in (3, 5)]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+
+
+def test_sampler_speed_digits_fd_study_end_to_end(tmp_path, capsys):
+    """`sampler_speed.py --network SNAP --metric digits-fd` (no download): one row per solver and NFE with a
+    finite FD, and a snapshot of other images refused before the speed part, naming --metric."""
+    import torch
+
+    from fdm_fast.nn import build_denoiser
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import sampler_speed
+
+    def snapshot(name, resolution):
+        cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=resolution, img_channels=1,
+                   network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=()))
+        torch.manual_seed(0)
+        torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), tmp_path / name)
+        return str(tmp_path / name)
+
+    study = ["--no-speed", "--no-nfe-study", "--metric", "digits-fd", "--nfe", "3", "--fid-num", "16",
+             "--batch", "16", "--solvers", "euler", "heun", "--out", str(tmp_path / "out")]
+    sampler_speed.main(["--network", snapshot("d16.pt", 16), *study])
+    rows = json.loads((tmp_path / "out" / "sampler_speed.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"], r["images"]) for r in rows] == [("euler", 3, 16), ("heun", 3, 16)]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+    assert "digits FD vs NFE" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sampler_speed.main(["--network", snapshot("d8.pt", 8), *study])
+    assert "--metric digits-fd: scores 16x16 grayscale digits" in capsys.readouterr().err
 
 
 def test_fid_cli_ref_and_calc_end_to_end_with_a_stand_in_extractor(tmp_path, monkeypatch, capsys):
