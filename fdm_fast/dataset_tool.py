@@ -1,4 +1,4 @@
-"""Build a dataset in EDM's format: ``python -m fdm_fast.dataset_tool --source SRC --dest DEST``.
+r"""Build a dataset in EDM's format: ``python -m fdm_fast.dataset_tool --source SRC --dest DEST``.
 
 SRC: a folder of images (searched recursively), a zip of images, or the CIFAR-10 python tarball
 (``cifar-10-python.tar.gz``). DEST: an uncompressed ``.zip`` (what training reads fastest) or a
@@ -8,7 +8,8 @@ folder. Images are written as ``00000/img00000000.png`` with ``dataset.json`` ho
 must already share one square size. An unreadable image stops the tool with its file name.
 
     python -m fdm_fast.dataset_tool --source downloads/cifar-10-python.tar.gz --dest datasets/cifar10-32x32.zip
-    python -m fdm_fast.dataset_tool --source downloads/ffhq/images1024x1024 --dest datasets/ffhq-64x64.zip --resolution 64
+    python -m fdm_fast.dataset_tool --source downloads/ffhq/images1024x1024 \
+        --dest datasets/ffhq-64x64.zip --resolution 64
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--guide-network", default=None, metavar="SNAP",
                     help="autoguidance: a weaker snapshot of the same task (e.g. an earlier one) as the guide; "
                          "any format --network takes")
-    ap.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity (EDM's S_churn; default 0)")
+    ap.add_argument("--S-churn", dest="S_churn", type=float, default=0.0,
+                    help="stochasticity (EDM's S_churn; default 0)")
     ap.add_argument("--S-min", dest="S_min", type=float, default=0.0, help="churn only at sigma >= S_min (default 0)")
     ap.add_argument("--S-max", dest="S_max", type=float, default=float("inf"),
                     help="churn only at sigma <= S_max (default inf)")
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma-min", type=float, default=0.002,
                     help="lowest noise level of the schedule (default 0.002, raised to the network's own minimum)")
     ap.add_argument("--sigma-max", type=float, default=80.0,
-                    help="highest noise level, where sampling starts (default 80, lowered to the network's own maximum)")
+                    help="highest noise level, where sampling starts (default 80, lowered to the network's own "
+                         "maximum)")
     ap.add_argument("--rho", type=float, default=7.0, help="exponent of EDM's rho schedule (--schedule edm; default 7)")
     ap.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     ap.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (conditional networks)")
@@ -183,8 +185,8 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
     labels_for = None
     if net.label_dim:
         if args.class_idx is None:
-            labels_for = lambda s: torch.eye(net.label_dim, device=device)[torch.as_tensor(s, device=device)  # noqa: E731
-                                                                           % net.label_dim]
+            eye = torch.eye(net.label_dim, device=device)
+            labels_for = lambda s: eye[torch.as_tensor(s, device=device) % net.label_dim]  # noqa: E731
         elif not 0 <= args.class_idx < net.label_dim:
             eprint(f"error: --class: expected 0..{net.label_dim - 1}, got {args.class_idx}")
             return 2

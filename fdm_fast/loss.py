@@ -3,8 +3,9 @@ net_in = perturb(y) (one pass), F = UNet(net_in), loss = fused weighted denoisin
 
 Every random quantity of a training sample (sigma, flip, noise) is a pure function of the run seed
 and the sample's global index (``sample_uniforms``, ``noise_rng``): a run is reproducible, a resumed
-run draws exactly what the uninterrupted one would have, and N ranks draw what one process would. The FDM warm-up clamp is a function of the
-optimizer step (``schedules.warmup_clamp``), saved with the checkpoint.
+run draws exactly what the uninterrupted one would have, and N ranks draw what one process would.
+The FDM warm-up clamp is a function of the optimizer step (``schedules.warmup_clamp``), saved with
+the checkpoint.
 """
 
 from __future__ import annotations

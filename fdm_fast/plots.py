@@ -73,7 +73,8 @@ def line_plot(path: str, series: Sequence[dict], *, title: str = "", xlabel: str
     y0, y1 = y0 - pad, y1 + pad
 
     def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
 
     d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
     for t in (_log_ticks(x0, x1) if logx else _ticks(x0, x1)):

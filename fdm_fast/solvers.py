@@ -4,7 +4,8 @@ autoguidance fused into the same call.
 
 All of them integrate EDM's probability-flow ODE in sigma, dx/dsigma = (x - D(x; sigma)) / sigma (the
 SDE variant adds noise), over ``schedules.time_steps`` (``schedule``: edm, logsnr or time), ending
-with a step to sigma = 0 (dpm3s: a final denoising at sigma_min). NFE (network evaluations per image, ``nfe(solver, steps)``):
+with a step to sigma = 0 (dpm3s: a final denoising at sigma_min). NFE (network evaluations per
+image, ``nfe(solver, steps)``):
 
     euler         steps            first order
     heun          2 steps - 1      EDM's second-order sampler (deterministic)
@@ -207,7 +208,8 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     net = _Net(denoiser, guidance, guide, class_labels, B, device)
     kw = dict(net_dtype=net_dtype, backend=backend)
     if state_dtype not in (torch.float32, torch.float64) or (state_dtype == torch.float64 and backend != "torch"):
-        raise ValueError(f"state_dtype: expected torch.float32, or torch.float64 with backend='torch', got {state_dtype}")
+        raise ValueError(f"state_dtype: expected torch.float32, or torch.float64 with backend='torch', "
+                         f"got {state_dtype}")
     x = t[0] * ops.randn(shape, seed=seeds, offset=0, device=device, backend=backend).to(state_dtype)
     # the network input for sigma_0: a multistep call with no output terms but c_in
     _, net_in, _ = ops.multistep(x, c_in_next=_c_in(p, t[0]), **kw)
@@ -321,7 +323,8 @@ def _unipc(x, net_in, t, p, net, order, kw):
         s, sn = t[i], t[i + 1]
         F, G = net(net_in, s)
         dk = net.d_kw(p, s)
-        if prev is not None:  # UniC: x_c = (s/s_prev) x_prev - expm1(-h) D_prev - B_h (sum rho_c D1s + rho_last (D - D_prev))
+        # UniC: x_c = (s/s_prev) x_prev - expm1(-h) D_prev - B_h (sum rho_c D1s + rho_last (D - D_prev))
+        if prev is not None:
             h0, rks0, k0 = prev
             B_h = math.expm1(-h0)
             _, rc = unipc_coefficients(h0, rks0, k0, B_h)

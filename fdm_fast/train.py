@@ -148,7 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                              "ffhq/afhqv2, 2e-3 digits)")
     a("--lr-rampup", type=float, default=None, help="learning-rate ramp-up in Mimg (recipe default: 10; digits 0.001)")
     a("--ema", type=float, default=None, help="EMA half-life in Mimg (recipe default: 0.5; digits 0.01)")
-    a("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio: half-life <= ratio x images seen (default 0.05)")
+    a("--ema-rampup", type=float, default=0.05,
+      help="EMA ramp-up ratio: half-life <= ratio x images seen (default 0.05)")
     a("--dropout", type=float, default=None, help="dropout probability (recipe default: 0.13 cifar10, 0.05 ffhq, "
                                                   "0.25 afhqv2, 0 digits)")
     a("--augment", type=float, default=None, help="non-leaky augmentation probability p, EDM's pipeline "
@@ -165,7 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--resume", default=None, help="'auto' (newest checkpoint in --outdir, if any) or a checkpoint path")
     a("--tick", type=float, default=None, help="kimg between progress/stat lines (default: about 1%% of the run)")
-    a("--snap", type=float, default=None, help="kimg between network snapshots + sample grids (default: 10%% of the run)")
+    a("--snap", type=float, default=None,
+      help="kimg between network snapshots + sample grids (default: 10%% of the run)")
     a("--ckpt", type=float, default=None, help="kimg between training checkpoints (default: = --snap)")
     a("--keep", type=int, default=3, help="training checkpoints to keep (default 3)")
     a("--grid", type=int, default=64, help="images in each snapshot's sample grid (default 64)")
@@ -266,8 +268,7 @@ def resolve(args: argparse.Namespace) -> Options:
                              f"{len(mult) - 1} times), got {args.resolution}")
     snap = args.snap or max(kimg / 10, batch / 1000)
     return Options(
-        ds=args.ds, data=args.data, outdir=args.outdir or os.path.join("runs", f"{name if name != 'custom' else 'custom'}"
-                                                                         f"-{args.precond}-{args.arch}"),
+        ds=args.ds, data=args.data, outdir=args.outdir or os.path.join("runs", f"{name}-{args.precond}-{args.arch}"),
         precond=args.precond, arch=args.arch, cond=args.cond, kimg=kimg, batch=batch, batch_gpu=args.batch_gpu,
         lr=args.lr if args.lr is not None else r["lr"],
         lr_rampup=args.lr_rampup if args.lr_rampup is not None else r["lr_rampup"],
@@ -275,7 +276,8 @@ def resolve(args: argparse.Namespace) -> Options:
         dropout=args.dropout if args.dropout is not None else r["dropout"],
         augment=args.augment if args.augment is not None else r["augment"],
         xflip=args.xflip if args.xflip is not None else r["xflip"], warmup_ite=warm,
-        fdm_multiplier=args.fdm_multiplier, compile=args.compile if args.compile is not None else torch.cuda.is_available(),
+        fdm_multiplier=args.fdm_multiplier,
+        compile=args.compile if args.compile is not None else torch.cuda.is_available(),
         precision=args.precision, tf32=args.tf32, seed=args.seed, resume=args.resume,
         tick=args.tick or max(kimg / 100, batch / 1000), snap=snap, ckpt=args.ckpt or snap, keep=args.keep,
         grid=args.grid, grid_steps=args.grid_steps, resolution=args.resolution, backend=args.backend,
@@ -583,7 +585,8 @@ def write_snapshot(run: Run) -> str:
     atomic_save(dict(config=config, ema=run.ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
     labels = None
     if config["label_dim"]:
-        labels = torch.eye(config["label_dim"], device=device)[torch.arange(o.grid, device=device) % config["label_dim"]]
+        classes = torch.arange(o.grid, device=device) % config["label_dim"]
+        labels = torch.eye(config["label_dim"], device=device)[classes]
     images = edm_sampler(run.ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
                          backend=o.backend, device=device)
     save_grid(images, os.path.join(o.outdir, "samples" + name[len("network-snapshot"):-len(".pt")] + ".png"))

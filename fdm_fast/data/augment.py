@@ -172,7 +172,8 @@ class AugmentPipe:
 
         # Resample.
         shape = [N, C, (H + Hz_pad * 2) * 2, (W + Hz_pad * 2) * 2]
-        G_inv = scale2d(2 / images.shape[3], 2 / images.shape[2], dev) @ G_inv @ scale2d(shape[3] / 2, shape[2] / 2, dev)
+        G_inv = (scale2d(2 / images.shape[3], 2 / images.shape[2], dev) @ G_inv
+                 @ scale2d(shape[3] / 2, shape[2] / 2, dev))
         grid = nnf.affine_grid(theta=to_device(G_inv[:, :2, :].contiguous(), img_dev), size=shape, align_corners=False)
         images = nnf.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -32,7 +32,8 @@ def weight_init(shape, mode, fan_in, fan_out):
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == "kaiming_normal":
         return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"init_mode: expected xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal, got {mode!r}")
+    raise ValueError("init_mode: expected xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal, "
+                     f"got {mode!r}")
 
 
 class Linear(nn.Module):
@@ -121,7 +122,10 @@ class UNetBlock(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
@@ -139,7 +143,8 @@ class UNetBlock(nn.Module):
                                resample_filter=resample_filter, **init)
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1,
+                              **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb):
@@ -227,9 +232,9 @@ class SongUNet(nn.Module):
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
         init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
-                            init_zero=init_zero, init_attn=init_attn, attention_impl=attention)
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=init_attn, attention_impl=attention)
 
         # Mapping.
         self.map_noise = PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional" \

@@ -191,8 +191,8 @@ def churn(x: torch.Tensor, t_cur, t_hat, precond, *, seed=0, offset=0, noise: Op
     B, tdt = x.shape[0], _t_dtype(be, x)
     tc = V.sigma("t_cur", t_cur, B, x.device, dtype=tdt)
     _scalar("S_noise", S_noise)
-    quiet = t_hat is t_cur or S_noise == 0 or (not isinstance(t_hat, torch.Tensor) and not isinstance(t_cur, torch.Tensor)
-                                               and t_hat == t_cur)
+    both_numbers = not isinstance(t_hat, torch.Tensor) and not isinstance(t_cur, torch.Tensor)
+    quiet = t_hat is t_cur or S_noise == 0 or (both_numbers and t_hat == t_cur)
     if quiet:
         if isinstance(t_hat, torch.Tensor):  # still checked, never read
             V.sigma("t_hat", t_hat, B, x.device, dtype=tdt)

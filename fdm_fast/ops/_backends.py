@@ -69,7 +69,9 @@ def unavailable_reason(backend: str, device: Optional[torch.device] = None) -> s
         if mods is None:
             return why
         if device is None:
-            return "" if torch.cuda.is_available() or _interpreter() else "no CUDA device and TRITON_INTERPRET is not set"
+            if torch.cuda.is_available() or _interpreter():
+                return ""
+            return "no CUDA device and TRITON_INTERPRET is not set"
         if device.type == "cuda":
             return "" if torch.cuda.is_available() else "no CUDA device is visible"
         if device.type == "cpu":
