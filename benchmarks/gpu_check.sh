@@ -3,7 +3,8 @@
 # (the stage limits below, the build and probe included, set from the H200 runs of 2026-11-29); a session's
 # 15 device minutes hold the quick part and one of the others:
 #   quick  (GPU_CHECK_MODE=quick, ~3 min): the build, a few GPU tests, a small row of every benchmark:
-#          proves the script and the toolchain before the long parts spend device time
+#          proves the script and the toolchain before the long parts spend device time (the sampler
+#          row without torch.compile: a fresh machine's first compile alone outlasts the stage's 30 s)
 #   a      (default, stage limits sum to 600 s): correctness and the cheap measurements
 #     1. builds fdm_fast._C with its CUDA kernels in place (sm_90 only, for speed)
 #     2. the GPU tests: cuda and triton backends against the float64 reference, noise equality,
@@ -103,7 +104,7 @@ if [ "$mode" = "quick" ]; then
   stage train 40 "$out/train.log" $py benchmarks/train_throughput.py --json "$out/train.json" "${R[@]}" \
     --preset digits --steps 2 --warmup 1 --no-compile
   stage sampler 30 "$out/sampler.log" $py benchmarks/sampler_speed.py --out "$out/sampler" "${R[@]}" \
-    --preset digits --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1
+    --preset digits --speed-nfe 3 --nfe 5 --nfe-samples 50 --reps 1 --no-compile
 elif [ "$mode" = "a" ]; then
   stage tests 100 "$out/tests.log" $py -m pytest -v -p no:cacheprovider $xdist -k "edm or gpu or cuda or graph or compile or device_named" \
     tests/test_noise.py tests/test_autograd_compile.py tests/test_extension.py tests/test_ops.py tests/test_sampling.py \

@@ -8,6 +8,8 @@ Speed, for a SongUNet (random weights: speed does not depend on them) at each ba
   fused+compile+graph   (CUDA) the whole sampling loop captured as one CUDA graph, replayed
   fused+compile+graph, bf16 net   (CUDA) the same with the network in bfloat16 (generate --precision bf16;
                 the state stays float32): not the official numerics, the row a practitioner would use
+  (--no-compile: official, fused and, on CUDA, fused+graph, the uncompiled UNet in the graph: no
+  compile time, which a fresh machine pays on the first call, tens of seconds)
 and the step overhead alone (a trivial denoiser, F = 0, at 64x3x64x64): official vs fused.
 
 NFE (analytic): a Gaussian-mixture dataset whose ideal denoiser is known in closed form
@@ -79,9 +81,11 @@ def speed(args, device):
                    network=dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,)))
     torch.manual_seed(0)
     net = build_denoiser(cfg).to(device).eval().requires_grad_(False)
-    compiled = build_denoiser(cfg).to(device).eval().requires_grad_(False)
-    compiled.load_state_dict(net.state_dict())
-    compiled.model = torch.compile(compiled.model)
+    compiled = None
+    if not args.no_compile:
+        compiled = build_denoiser(cfg).to(device).eval().requires_grad_(False)
+        compiled.load_state_dict(net.state_dict())
+        compiled.model = torch.compile(compiled.model)
     desc = f"{cfg['img_resolution']}x{cfg['img_resolution']}x{cfg['img_channels']} DDPM++ " \
            f"({count_parameters(net.model) / 1e6:.1f}M)"
     for batch in args.batch:
@@ -92,9 +96,18 @@ def speed(args, device):
             variants = {
                 "official": lambda: official_sampler(net, torch.randn(shape, device=device), steps),
                 "fused": lambda: edm_sampler(net, seeds, num_steps=steps, device=device),
-                "fused+compile": lambda: edm_sampler(compiled, seeds, num_steps=steps, device=device),
             }
-            if device.type == "cuda":  # the whole loop as one CUDA graph (captured on the first call)
+            if compiled is None and device.type == "cuda":  # --no-compile: the graph of the eager UNet
+                plain = {}
+
+                def graphed_eager(seeds=seeds, steps=steps, holder=plain):
+                    if "g" not in holder:
+                        holder["g"] = GraphedSampler(net, len(seeds), num_steps=steps)
+                    return holder["g"](seeds)
+                variants["fused+graph"] = graphed_eager
+            if compiled is not None:
+                variants["fused+compile"] = lambda: edm_sampler(compiled, seeds, num_steps=steps, device=device)
+            if compiled is not None and device.type == "cuda":  # the whole loop as one CUDA graph (captured once)
                 holder = {}
 
                 def graphed(seeds=seeds, steps=steps, holder=holder):
@@ -265,6 +278,9 @@ def main(argv=None):
                     help="the --network study's metric: FID (needs --ref and --inception) or, for a snapshot "
                          "trained on --ds digits, the digits classifier's FD (no download)")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed part")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="the speed part without torch.compile: official, fused and, on CUDA, fused+graph (the "
+                         "compiled variants' first call compiles for tens of seconds on a fresh machine)")
     ap.add_argument("--no-nfe-study", action="store_true", help="the speed part only (skip the analytic NFE study)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="end the speed part within about S seconds: variants not started by then are left out "

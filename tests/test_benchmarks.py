@@ -17,7 +17,8 @@ RUNS = {
 }
 # the run asked to write: the same, but fdm_claims trains only E1's EDM pair (its two other experiments
 # write through the same code, and the default run above already ran them)
-RUNS_WRITING = dict(RUNS, **{"fdm_claims.py": ["--quick", "--experiments", "E1", "--arms", "edm"]})
+RUNS_WRITING = dict(RUNS, **{"fdm_claims.py": ["--quick", "--experiments", "E1", "--arms", "edm"],
+                             "sampler_speed.py": [*RUNS["sampler_speed.py"], "--no-compile"]})
 HEADERS = {"ops_bandwidth.py": "% copy BW", "train_throughput.py": "vs row above", "sampler_speed.py": "ms/NFE",
            "fdm_claims.py": "speed-up (baseline kimg / that)"}
 
@@ -38,6 +39,7 @@ def test_benchmark_prints_headers_and_writes_nothing_by_default(script, tmp_path
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert HEADERS[script] in r.stdout, r.stdout[-2000:]
+    r_default_out = r.stdout
     assert _status() == before, f"{script} changed the checkout:\n{_status()}"
     # asked to write, it writes where it was told
     out = tmp_path / "rows.md"
@@ -45,6 +47,8 @@ def test_benchmark_prints_headers_and_writes_nothing_by_default(script, tmp_path
                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and out.read_text().count("| ") > 3, r.stderr[-2000:]
     assert _status() == before
+    if script == "sampler_speed.py":  # the second run's --no-compile leaves the compiled variant out
+        assert "fused+compile" in r_default_out and "fused+compile" not in out.read_text()
 
 
 def test_time_budget_skips_late_rows_and_keeps_the_timed_ones():
