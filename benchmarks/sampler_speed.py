@@ -71,6 +71,17 @@ class Zero(torch.nn.Module):
         return torch.zeros_like(x)
 
 
+def _graphed(net, seeds, steps, **options):
+    """A variant that samples ``seeds`` with a GraphedSampler, captured on its first call (timed apart)."""
+    holder = {}
+
+    def run():
+        if "g" not in holder:
+            holder["g"] = GraphedSampler(net, len(seeds), num_steps=steps, **options)
+        return holder["g"](seeds)
+    return run
+
+
 def speed(args, device):
     rows = []
     if args.preset == "ffhq64" or (args.preset == "auto" and device.type == "cuda"):
@@ -98,30 +109,13 @@ def speed(args, device):
                 "fused": lambda: edm_sampler(net, seeds, num_steps=steps, device=device),
             }
             if compiled is None and device.type == "cuda":  # --no-compile: the graph of the eager UNet
-                plain = {}
-
-                def graphed_eager(seeds=seeds, steps=steps, holder=plain):
-                    if "g" not in holder:
-                        holder["g"] = GraphedSampler(net, len(seeds), num_steps=steps)
-                    return holder["g"](seeds)
-                variants["fused+graph"] = graphed_eager
+                variants["fused+graph"] = _graphed(net, seeds, steps)
             if compiled is not None:
                 variants["fused+compile"] = lambda: edm_sampler(compiled, seeds, num_steps=steps, device=device)
             if compiled is not None and device.type == "cuda":  # the whole loop as one CUDA graph (captured once)
-                holder = {}
-
-                def graphed(seeds=seeds, steps=steps, holder=holder):
-                    if "g" not in holder:
-                        holder["g"] = GraphedSampler(compiled, len(seeds), num_steps=steps)
-                    return holder["g"](seeds)
-                variants["fused+compile+graph"] = graphed
-                holder16 = {}
-
-                def graphed16(seeds=seeds, steps=steps, holder=holder16):  # generate --precision bf16
-                    if "g" not in holder:
-                        holder["g"] = GraphedSampler(compiled, len(seeds), num_steps=steps, net_dtype=torch.bfloat16)
-                    return holder["g"](seeds)
-                variants["fused+compile+graph, bf16 net"] = graphed16
+                variants["fused+compile+graph"] = _graphed(compiled, seeds, steps)
+                # generate --precision bf16
+                variants["fused+compile+graph, bf16 net"] = _graphed(compiled, seeds, steps, net_dtype=torch.bfloat16)
             print(f"batch {batch}, NFE {2 * steps - 1}:", flush=True)
             timed = time_interleaved(variants, device, reps=args.reps, warmup=0, log=lambda m: print(m, flush=True),
                                      deadline=args.deadline, info=(info := {}))
