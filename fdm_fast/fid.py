@@ -39,16 +39,14 @@ def _image_batches(path: str, batch: int):
 
 
 def _generated_batches(network: str, num: int, batch: int, steps: int, device):
-    from .sampling import edm_sampler
+    from .sampling import edm_sampler, seed_labels
     from .snapshots import load_snapshot
 
     net = load_snapshot(network, device)
     for i in range(0, num, batch):
         seeds = list(range(i, min(i + batch, num)))
-        labels = None
-        if net.label_dim:
-            labels = torch.eye(net.label_dim, device=device)[torch.tensor(seeds, device=device) % net.label_dim]
-        x = edm_sampler(net, seeds, num_steps=steps, class_labels=labels, device=device)
+        x = edm_sampler(net, seeds, num_steps=steps, class_labels=seed_labels(seeds, net.label_dim, device),
+                        device=device)
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 

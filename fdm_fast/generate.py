@@ -26,7 +26,7 @@ import torch
 
 from . import ops
 from . import solvers
-from .sampling import GraphedSampler, edm_sampler
+from .sampling import GraphedSampler, edm_sampler, seed_labels
 from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
 from .snapshots import SnapshotError, cannot_write, cannot_write_in, load_snapshot
@@ -182,18 +182,11 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         eprint(f"error: --guidance {args.guidance}: classifier-free guidance needs a class-conditional network "
                f"({args.network} has no labels); give --guide-network SNAP for autoguidance")
         return 2
-    labels_for = None
-    if net.label_dim:
-        if args.class_idx is None:
-            eye = torch.eye(net.label_dim, device=device)
-            labels_for = lambda s: eye[torch.as_tensor(s, device=device) % net.label_dim]  # noqa: E731
-        elif not 0 <= args.class_idx < net.label_dim:
-            eprint(f"error: --class: expected 0..{net.label_dim - 1}, got {args.class_idx}")
-            return 2
-        else:
-            labels_for = lambda s: torch.eye(net.label_dim, device=device)[[args.class_idx] * len(s)]  # noqa: E731
-    elif args.class_idx is not None:
+    if args.class_idx is not None and not net.label_dim:
         eprint("error: --class: this network is unconditional")
+        return 2
+    if args.class_idx is not None and not 0 <= args.class_idx < net.label_dim:
+        eprint(f"error: --class: expected 0..{net.label_dim - 1}, got {args.class_idx}")
         return 2
     mine = seeds[rank::world]
     skipped = 0
@@ -231,7 +224,7 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
     graphed = None
     results = []
     for batch in tqdm(batches, unit="batch", disable=rank != 0, desc="generate"):
-        labels = labels_for(batch) if labels_for else None
+        labels = seed_labels(batch, net.label_dim, device, args.class_idx)  # None for an unconditional net
         if use_graph and len(batch) == args.batch:
             graphed = graphed or GraphedSampler(net, args.batch, sampler=sampler, **kw)
             images = graphed(batch, labels)

@@ -24,6 +24,18 @@ def _gammas(t: Sequence[float], num_steps: int, S_churn: float, S_min: float, S_
     return [g if S_min <= float(t[i]) <= S_max else 0.0 for i in range(num_steps)]
 
 
+def seed_labels(seeds: Union[Sequence[int], torch.Tensor], label_dim: int, device=None,
+                class_idx: Optional[int] = None) -> Optional[torch.Tensor]:
+    """One-hot class labels [len(seeds), label_dim] (float32) for a batch of seeds, by the convention every
+    tool here shares: seed s draws class s % label_dim, or ``class_idx`` for every seed when given. None
+    when ``label_dim`` is 0 (an unconditional network)."""
+    if not label_dim:
+        return None
+    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+    classes = seeds % label_dim if class_idx is None else torch.full_like(seeds, class_idx)
+    return torch.nn.functional.one_hot(classes, label_dim).float()
+
+
 def _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend):
     """(device, seeds, batch size, precond, time steps as floats ending at 0, x at t[0]) of a sampler."""
     device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device

@@ -41,7 +41,7 @@ from .metrics import MetricError
 from .metrics.evaluate import METRICS, SampleEvaluator, check_metric
 from .plots import line_plot, read_metric_records, read_tick_records, subplots
 from .nn import build_denoiser, count_parameters
-from .sampling import edm_sampler
+from .sampling import edm_sampler, seed_labels
 from .schedules import PRECONDS
 from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
                         load_state, newest_valid_checkpoint, normalise_config, remove, remove_stale_temp_files,
@@ -583,11 +583,9 @@ def write_snapshot(run: Run) -> str:
     name = snapshot_name(run.cur_nimg, o.outdir)
     snap_path = os.path.join(o.outdir, name)
     atomic_save(dict(config=config, ema=run.ema.state_dict(), step=run.step, cur_nimg=run.cur_nimg), snap_path)
-    labels = None
-    if config["label_dim"]:
-        classes = torch.arange(o.grid, device=device) % config["label_dim"]
-        labels = torch.eye(config["label_dim"], device=device)[classes]
-    images = edm_sampler(run.ema, list(range(o.grid)), num_steps=o.grid_steps, class_labels=labels,
+    seeds = list(range(o.grid))
+    labels = seed_labels(seeds, config["label_dim"], device)
+    images = edm_sampler(run.ema, seeds, num_steps=o.grid_steps, class_labels=labels,
                          backend=o.backend, device=device)
     save_grid(images, os.path.join(o.outdir, "samples" + name[len("network-snapshot"):-len(".pt")] + ".png"))
     plot_training(o.outdir, o.precond)

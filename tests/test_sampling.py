@@ -10,7 +10,7 @@ import torch
 from conftest import CUDA_ON_CPU, HAS_CPU_EXT, run_group
 from fdm_fast import ops, schedules, solvers
 from fdm_fast.gmm import GaussianMixtureDenoiser
-from fdm_fast.sampling import edm_sampler
+from fdm_fast.sampling import edm_sampler, seed_labels
 
 BACKENDS = ["torch"] + (["cpu"] if HAS_CPU_EXT else [])
 
@@ -64,6 +64,15 @@ def test_per_seed_invariance():
     alone = edm_sampler(gmm, [7], num_steps=10, S_churn=20, device="cpu")
     assert torch.equal(both[1], alone[0])
     assert not torch.equal(both[0], both[1])
+
+
+def test_seed_labels_follow_the_one_convention():
+    """generate, fid, the training grid and the in-training metric all give seed s the class s % label_dim."""
+    got = seed_labels([0, 3, 10, 13, 27], 10)
+    assert got.dtype == torch.float32 and got.shape == (5, 10) and got.sum(1).eq(1).all()
+    assert got.argmax(1).tolist() == [0, 3, 0, 3, 7]
+    assert seed_labels(torch.tensor([4, 5]), 3, class_idx=2).argmax(1).tolist() == [2, 2]  # generate --class
+    assert seed_labels([1, 2], 0) is None
 
 
 @pytest.mark.parametrize("name", ["edm", "fdm_edm", "fdm_vp"])

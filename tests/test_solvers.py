@@ -287,6 +287,7 @@ def test_cond_drop_trains_and_generate_names_solvers_and_guides(tmp_path, capsys
            (["--solver", "unipc", "--order", "4"], "order: unipc takes order 1, 2, 3, got 4"),
            (["--sampler", "heun", "--solver", "unipc"], "--sampler heun and --solver unipc disagree"),
            (["--guide-network", str(tmp_path / "none.pt")], "--guide-network"),
+           (["--class", "10"], "--class: expected 0..9, got 10"),
            (["--schedule", "cosine"], "invalid choice")]
     for extra, message in bad:
         with pytest.raises(SystemExit) if "invalid choice" in message else _nullcontext():

@@ -97,15 +97,13 @@ class SampleEvaluator:
     @torch.no_grad()
     def samples(self, net) -> torch.Tensor:
         from .. import solvers
-        from ..sampling import edm_sampler
+        from ..sampling import edm_sampler, seed_labels
 
         out = []
         label_dim = getattr(net, "label_dim", 0)
         for i in range(0, self.num, self.batch):
             seeds = list(range(i, min(i + self.batch, self.num)))
-            labels = None
-            if label_dim:
-                labels = torch.eye(label_dim, device=self.device)[torch.tensor(seeds, device=self.device) % label_dim]
+            labels = seed_labels(seeds, label_dim, self.device)
             if self.sampler not in ("heun", "euler") or self.schedule != "edm":
                 x = solvers.sample(net, seeds, solver={"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler),
                                    steps=self.steps, schedule=self.schedule, class_labels=labels, device=self.device)
