@@ -18,15 +18,18 @@ at which NFE): dpm++2m or ipndm at NFE 6-10, dpm++3m at NFE 5; heun needs about 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
+from typing import Optional
 
 import torch
 
 from . import ops
 from . import solvers
 from .sampling import GraphedSampler, edm_sampler, seed_labels
+from .schedules import time_steps
 from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
 from .snapshots import SnapshotError, cannot_write, cannot_write_in, load_snapshot
@@ -85,7 +88,9 @@ def main(argv=None) -> int:
                          "maximum)")
     ap.add_argument("--rho", type=float, default=7.0, help="exponent of EDM's rho schedule (--schedule edm; default 7)")
     ap.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
-    ap.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (conditional networks)")
+    ap.add_argument("--class", dest="class_idx", type=int, default=None,
+                    help="class of every image (class-conditional networks; default: seed s draws class s mod the "
+                         "number of classes)")
     ap.add_argument("--outdir", default=None, help="write one PNG per seed here (1000 per subfolder)")
     ap.add_argument("--skip-existing", action="store_true",
                     help="with --outdir: do not generate seeds whose PNG is already there, so a run cut short "
@@ -133,7 +138,15 @@ def main(argv=None) -> int:
         if v < 1:
             eprint(f"error: {flag}: expected a positive integer, got {v}")
             return 2
-    if args.grid:  # its folder is made now, as --outdir is (last: a refused command leaves no folder behind)
+    bad = bad_number(args)
+    if bad:
+        eprint(f"error: {bad}")
+        return 2
+    # the folders made now (last: a refused command leaves no folder behind); removed again, if still empty,
+    # when a refusal that needs the network comes later
+    made = [f for out in (args.outdir, os.path.dirname(os.path.abspath(args.grid)) if args.grid else None) if out
+            for f in _missing(out)]
+    if args.grid:
         why = (f"is a folder; expected the PNG file to write (e.g. {args.grid}/grid.png)" if os.path.isdir(args.grid)
                else cannot_write(args.grid))
         if why is not None:
@@ -143,18 +156,64 @@ def main(argv=None) -> int:
         why = cannot_write_in(args.outdir)
         if why is not None:
             eprint(f"error: --outdir {args.outdir}: {why}")
+            _remove_empty(made)  # --grid's
             return 2
     ours = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     init_distributed()
+    rc = 1
     try:
-        return _generate(args, seeds, fused_edm)
+        rc = _generate(args, seeds, fused_edm)
+        return rc
     except KeyboardInterrupt:  # Ctrl-C: a line that says what is kept, not a traceback
         eprint("\ninterrupted: " + (f"every PNG in {args.outdir} is complete; the same command with --skip-existing "
                                      "finishes it" if args.outdir else "no grid was written"))
-        return 130
+        rc = 130
+        return rc
     finally:  # on every rank, errors included (a process group left to the interpreter's exit can hang there)
         if ours:
             shutdown_distributed()
+        if rc != 0:
+            _remove_empty(made)
+
+
+def _missing(folder: str) -> list:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    out, folder = [], os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        out.append(folder)
+        folder = os.path.dirname(folder)
+    return out
+
+
+def _remove_empty(folders) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty."""
+    for folder in folders:
+        try:
+            if not os.listdir(folder):
+                os.rmdir(folder)
+        except OSError:  # another rank removed it first, or wrote into it
+            pass
+
+
+def bad_number(args) -> Optional[str]:
+    """What is wrong with the first sampling number no sampler takes (``--flag: expected ..., got ...``), or
+    None. Checked before any folder or network; the range left after clipping to the network's own is
+    checked once the network is loaded."""
+    for flag, v in (("--S-churn", args.S_churn), ("--S-noise", args.S_noise), ("--sigma-min", args.sigma_min)):
+        if not (math.isfinite(v) and v >= 0):
+            return f"{flag}: expected a finite number >= 0, got {v}"
+    if not (math.isfinite(args.rho) and args.rho > 0):
+        return f"--rho: expected a positive finite number, got {args.rho}"
+    if not args.sigma_max > 0:  # inf is allowed: it is lowered to the network's maximum
+        return f"--sigma-max: expected a positive number, got {args.sigma_max}"
+    if args.sigma_min > args.sigma_max:
+        return f"--sigma-min {args.sigma_min:g} is above --sigma-max {args.sigma_max:g}"
+    for flag, v in (("--S-min", args.S_min), ("--S-max", args.S_max)):
+        if math.isnan(v):
+            return f"{flag}: expected a number, got nan"
+    if not math.isfinite(args.guidance):
+        return f"--guidance: expected a finite number (1 = unguided), got {args.guidance}"
+    return None
 
 
 def _generate(args, seeds: list, fused_edm: bool) -> int:
@@ -170,6 +229,14 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         net = load_snapshot(args.network, device)
     except SnapshotError as e:
         eprint(f"error: --network {e}")
+        return 2
+    p = net.precond
+    try:
+        time_steps(args.steps, args.schedule, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                   precond=p)
+    except ValueError:
+        eprint(f"error: --sigma-min {args.sigma_min:g} / --sigma-max {args.sigma_max:g}: nothing is left after "
+               f"clipping to the network's noise range [{p.sigma_min:g}, {p.sigma_max:g}] ({p.name})")
         return 2
     guide = None
     if args.guide_network:

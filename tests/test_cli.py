@@ -147,6 +147,15 @@ def test_generate_bad_options(tmp_path, capsys):
         (["--network", str(tmp_path / "none.pt")], "no such file"),
         (["--seeds", "5-1"], "error"),
         (["--sampler", "bogus"], "invalid choice"),
+        # the sampler's numbers, refused before any work (they were a traceback at the first batch)
+        (["--rho", "0"], "--rho: expected a positive finite number, got 0.0"),
+        (["--sigma-max", "-1"], "--sigma-max: expected a positive number, got -1.0"),
+        (["--sigma-min", "5", "--sigma-max", "1"], "--sigma-min 5 is above --sigma-max 1"),
+        (["--sigma-min", "nan"], "--sigma-min: expected a finite number >= 0, got nan"),
+        (["--S-noise", "nan"], "--S-noise: expected a finite number >= 0, got nan"),
+        (["--S-churn", "-1"], "--S-churn: expected a finite number >= 0, got -1.0"),
+        (["--S-min", "nan"], "--S-min: expected a number, got nan"),
+        (["--guidance", "inf"], "--guidance: expected a finite number (1 = unguided), got inf"),
     ]
     for extra, message in rows:
         if _without_its_folder(extra):
@@ -161,20 +170,50 @@ def test_generate_bad_options(tmp_path, capsys):
     assert not (tmp_path / "grids").exists()
 
 
-def test_generate_grid_makes_its_folder(tmp_path, capsys):
-    """--grid into a folder that does not exist yet: made before sampling, as --outdir, fid's --dest and
-    dataset_tool's --dest are."""
+def _tiny_snapshot(path):
+    """An unconditional 8x8x1 fdm_edm snapshot of a tiny untrained network at ``path``."""
     import torch
 
     from fdm_fast.nn import build_denoiser
 
     cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
                network=dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=()))
-    snap = tmp_path / "snap.pt"
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), path)
+    return path
+
+
+def test_generate_grid_makes_its_folder(tmp_path, capsys):
+    """--grid into a folder that does not exist yet: made before sampling, as --outdir, fid's --dest and
+    dataset_tool's --dest are."""
+    snap = _tiny_snapshot(tmp_path / "snap.pt")
     grid = tmp_path / "new" / "sub" / "g.png"
     rc, err = _run(generate, ["--network", str(snap), "--seeds", "0-1", "--steps", "2", "--grid", str(grid)], capsys)
     assert rc == 0 and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
+
+
+def test_generate_refused_with_the_network_leaves_no_new_folder(tmp_path, capsys):
+    """Refusals that need the network come after --outdir's and --grid's folders are made (so that a bad
+    folder is named before the network loads): those folders, and the parents made with them, go again."""
+    snap = _tiny_snapshot(tmp_path / "snap.pt")
+    (tmp_path / "text.pt").write_text("not a snapshot\n")
+    rows = [
+        (["--network", str(tmp_path / "text.pt")], "text.pt: not a readable network snapshot"),
+        (["--class", "2"], "--class: this network is unconditional"),
+        (["--guidance", "2"], "--guidance 2.0: classifier-free guidance needs a class-conditional network"),
+        (["--sigma-min", "100", "--sigma-max", "200"], "--sigma-min 100 / --sigma-max 200: nothing is left after "
+                                                       "clipping to the network's noise range [0.002, 80] (fdm_edm)"),
+    ]
+    for extra, message in rows:
+        rc, err = _run(generate, ["--network", str(snap), "--seeds", "0-1", "--steps", "2", "--outdir",
+                                  str(tmp_path / "new" / "a" / "out"), "--grid", str(tmp_path / "grids" / "g.png"),
+                                  *extra], capsys)
+        assert rc == 2 and message in err, (extra, err)
+        assert not (tmp_path / "new").exists() and not (tmp_path / "grids").exists(), extra
+    # a folder that was there before stays, empty or not
+    (tmp_path / "kept").mkdir()
+    rc, err = _run(generate, ["--network", str(snap), "--seeds", "0", "--outdir", str(tmp_path / "kept"), "--class",
+                              "2"], capsys)
+    assert rc == 2 and (tmp_path / "kept").is_dir()
 
 
 def test_fid_bad_options(tmp_path, capsys):
