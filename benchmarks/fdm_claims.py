@@ -145,7 +145,8 @@ def speedup(base_runs, fdm_runs, boot=1000, seed=0):
         rs.append(rr if rr is not None else 0.0)  # never reached: ratio below any measured one
     lo, hi = (float(np.percentile(rs, 2.5)), float(np.percentile(rs, 97.5))) if rs else (None, None)
     never = sum(x == 0.0 for x in rs)
-    return dict(target_fd=target, fdm_kimg=k, ratio=r, ratio_lo=lo, ratio_hi=hi, never_reached_frac=never / max(len(rs), 1))
+    return dict(target_fd=target, fdm_kimg=k, ratio=r, ratio_lo=lo, ratio_hi=hi,
+                never_reached_frac=never / max(len(rs), 1))
 
 
 def main(argv=None):
@@ -161,7 +162,8 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=float, default=4.0, help="kimg between evaluations (default 4)")
     ap.add_argument("--tick", type=float, default=0.512, help="kimg per loss point for spike detection (default 0.512)")
     ap.add_argument("--eval-num", type=int, default=300, help="samples per evaluation (default 300)")
-    ap.add_argument("--eval-steps", type=int, default=9, help="Heun steps per evaluation (NFE 2 x steps - 1; default 9)")
+    ap.add_argument("--eval-steps", type=int, default=9,
+                    help="Heun steps per evaluation (NFE 2 x steps - 1; default 9)")
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
                     help="E2's fdm_multiplier values (default 0.5 1 2 4; 2 is FDM-EDM's default)")
     ap.add_argument("--e2-full", action="store_true", help="E2: every multiplier with the warm-up off too "
@@ -225,7 +227,8 @@ def main(argv=None):
                        [[f"{PAIRS[pair][0]} -> {PAIRS[pair][1]}", f"{r['target_fd']:.1f}", fmt(r["fdm_kimg"]),
                          fmt(r["ratio"], "{:.2f}x"), f"[{fmt(r['ratio_lo'])}, {fmt(r['ratio_hi'])}]",
                          f"{100 * r['never_reached_frac']:.0f}%"] for pair, r in res.items()]))
-        result["E1"] = dict(res, runs={p: [{k: v for k, v in r.items() if k != "ema"} for r in rs] for p, rs in e1.items()})
+        result["E1"] = dict(res, runs={p: [{k: v for k, v in r.items() if k != "ema"} for r in rs]
+                                       for p, rs in e1.items()})
     if "E2" in args.experiments:
         e2 = []
         for warm in (None, 0):
@@ -233,12 +236,14 @@ def main(argv=None):
                 if warm == 0 and not args.e2_full and m != 2.0:
                     continue
                 reuse = (warm is None and m == 2.0 and "fdm_edm" in e1)
+                label = f"fdm_edm m={m:g} warm-up {'on' if warm is None else 'off'}"
                 r = e1["fdm_edm"][0] if reuse else train_arm("fdm_edm", 0, args, evaluator, multiplier=m, warmup=warm,
-                                                             label=f"fdm_edm m={m:g} warm-up {'on' if warm is None else 'off'}")
+                                                             label=label)
                 e2.append({k: v for k, v in r.items() if k != "ema"} | dict(multiplier=m, warmup_on=warm is None))
         rows = [[f"m={r['multiplier']:g}, warm-up {'on' if r['warmup_on'] else 'off'}",
                  *[f"{c['fd']:.1f}" for c in r["curve"]], str(r["spikes"]), f"{r['worst_loss_ratio']:.2f}"] for r in e2]
-        header = ["fdm_edm (seed 0)", *[f"FD@{c['kimg']:g}" for c in e2[0]["curve"]], "loss spikes", "worst loss/median"]
+        header = ["fdm_edm (seed 0)", *[f"FD@{c['kimg']:g}" for c in e2[0]["curve"]], "loss spikes",
+                  "worst loss/median"]
         tables.append(("fdm_claims E2: momentum strength and warm-up", header, rows))
         result["E2"] = e2
     if "E3" in args.experiments:
@@ -260,8 +265,8 @@ def main(argv=None):
                         row.append(f"{fd_v:.1f}")
                     rows.append(row)
                     print(f"  E3 {precond} {sampler}: " + ", ".join(row[2:]), flush=True)
-        tables.append(("fdm_claims E3: quality vs NFE (seed 0's final model)", ["arm", "sampler",
-                                                                               *[f"FD@NFE {n}" for n in args.nfe]], rows))
+        tables.append(("fdm_claims E3: quality vs NFE (seed 0's final model)",
+                       ["arm", "sampler", *[f"FD@NFE {n}" for n in args.nfe]], rows))
         result["E3"] = e3
     result["seconds"] = time.time() - t_start
     print()
@@ -281,7 +286,8 @@ def main(argv=None):
                  f"Command: `python benchmarks/fdm_claims.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
                  f"Total time {result['seconds'] / 60:.1f} min. FD: digits-classifier Fréchet distance of "
                  f"{args.eval_num} EMA samples (Heun NFE {2 * args.eval_steps - 1}) to the digits test split; lower "
-                 f"is better; 450 real training images score 3.35 against the same split (tests/test_metrics.py, 2026-11-29)"]
+                 f"is better; 450 real training images score 3.35 against the same split (tests/test_metrics.py, "
+                 f"2026-11-29)"]
         for title, header, rows in tables:
             append_results(title, header, rows, notes, path=args.results)
         print(f"appended {len(tables)} tables to {args.results}")

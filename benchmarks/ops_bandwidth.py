@@ -196,9 +196,9 @@ class Euler(Op):
 
     def inputs(self, shape, dtype, device, g):
         B = shape[0]
-        return dict(x=torch.randn(shape, generator=g).to(device) * 5, F=torch.randn(shape, generator=g).to(device, dtype),
-                    d=torch.randn(shape, generator=g).to(device), t=torch.full((B,), 5.0, device=device),
-                    tn=torch.full((B,), 3.0, device=device), dtype=dtype)
+        return dict(x=torch.randn(shape, generator=g).to(device) * 5,
+                    F=torch.randn(shape, generator=g).to(device, dtype), d=torch.randn(shape, generator=g).to(device),
+                    t=torch.full((B,), 5.0, device=device), tn=torch.full((B,), 3.0, device=device), dtype=dtype)
 
     def nbytes(self, shape, dtype):
         return math.prod(shape) * (12 + 2 * dtype.itemsize)

@@ -251,8 +251,8 @@ def main(argv=None):
     ap.add_argument("--precond", default="fdm_edm", choices=list(PRECONDS), help="preconditioning (default fdm_edm)")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 64)")
     ap.add_argument("--nfe", type=int, nargs="+", default=[13, 25, 35, 49, 79],
-                    help="NFE values of the NFE study (analytic mixture, or --network) and, on a GPU, of the speed part "
-                         "(default 13 25 35 49 79)")
+                    help="NFE values of the NFE study (analytic mixture, or --network) and, on a GPU, of the speed "
+                         "part (default 13 25 35 49 79)")
     ap.add_argument("--speed-nfe", type=int, nargs="+", default=None,
                     help="NFE values for the speed part (default: 13 35 on CPU, all on GPU)")
     ap.add_argument("--nfe-samples", type=int, default=2000, help="samples per point of the NFE study")
@@ -319,7 +319,8 @@ def main(argv=None):
     for r in rows:
         if r["kind"] in ("speed", "overhead"):
             table.append([r["kind"], r["network"], str(r["batch"]), str(r["nfe"]), r["variant"],
-                          f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}", str(r["reps"])])
+                          f"{r['img_per_s']:.1f}", f"{r['ms_per_nfe']:.2f}", f"{r['first_call_s']:.1f}",
+                          str(r["reps"])])
     if table:
         print_table(header, table)
     for kind in ("overhead", "speed"):
@@ -356,13 +357,15 @@ def main(argv=None):
         if ntable:
             append_results("sampler_speed: NFE on the analytic mixture", nheader, ntable,
                            [f"Machine: {machine}", f"Command: {cmd}",
-                            f"precond {args.precond}; schedule {args.schedule}; {args.nfe_samples} samples; the reference solution is Heun "
-                            "with 500 steps from the same noise; err = per-sample RMS distance to it; switched = "
-                            "samples whose most likely mixture component differs from the reference's"],
+                            f"precond {args.precond}; schedule {args.schedule}; {args.nfe_samples} samples; the "
+                            "reference solution is Heun with 500 steps from the same noise; err = per-sample RMS "
+                            "distance to it; switched = samples whose most likely mixture component differs from the "
+                            "reference's"],
                            path=args.results)
         if ftable:
             append_results(f"sampler_speed: {mname} vs NFE", ["solver", "NFE", mname, "images"], ftable,
-                           [f"Machine: {machine}", f"Command: {cmd}", f"network {args.network}, schedule {args.schedule}"
+                           [f"Machine: {machine}", f"Command: {cmd}",
+                            f"network {args.network}, schedule {args.schedule}"
                             + (f", reference {args.ref}" if args.metric == "fid" else "")], path=args.results)
 
 

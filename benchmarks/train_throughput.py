@@ -208,9 +208,10 @@ def main(argv=None):
         prev = t
     print(f"{machine}\n{desc}, batch {args.batch}, precond {args.precond}, backend {ops.select_backend(device)}")
     print_table(header, rows)
-    notes = [f"Machine: {machine}", f"Command: `python benchmarks/train_throughput.py {' '.join(argv or sys.argv[1:])}`",
-             f"{desc}, batch {args.batch}; rows add one change each (see the script's header); {info['rounds']} interleaved "
-             f"timed steps per row after {args.warmup} warm-up; peak memory: one extra step per row"]
+    notes = [f"Machine: {machine}",
+             f"Command: `python benchmarks/train_throughput.py {' '.join(argv or sys.argv[1:])}`",
+             f"{desc}, batch {args.batch}; rows add one change each (see the script's header); {info['rounds']} "
+             f"interleaved timed steps per row after {args.warmup} warm-up; peak memory: one extra step per row"]
     if args.results:
         append_results("train_throughput", header, rows, notes, path=args.results)
         print(f"appended {len(rows)} rows to {args.results}")
