@@ -66,6 +66,22 @@ def run_group(cmd, timeout, **kw):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def tiny_snapshot(path, resolution: int = 8, *, attn: bool = True, label_dim: int = 0, **network):
+    """Write an fdm_fast snapshot of a tiny untrained fdm_edm DDPM++ network (one channel; 16 channels at
+    two levels, attention at the lower one unless ``attn`` is False; ``network`` overrides) to ``path``
+    and return it. The weights come from ``torch.manual_seed(0)``, so every call gives the same ones."""
+    from fdm_fast.nn import build_denoiser
+
+    net = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1,
+               attn_resolutions=(resolution // 2,) if attn else ()) | network
+    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=resolution, img_channels=1, network=net)
+    if label_dim:
+        cfg["label_dim"] = label_dim
+    torch.manual_seed(0)
+    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), path)
+    return path
+
+
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; this machine has none")
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 # tests that hand CPU tensors to the triton backend: only the interpreter runs them (set above without a

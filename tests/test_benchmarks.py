@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_snapshot
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
     "ops_bandwidth.py": ["--sizes", "b64", "--dtypes", "fp32", "--ops", "perturb", "perturb+loss", "--no-compile",
@@ -96,16 +98,7 @@ def test_train_throughput_rows_add_one_change_each(compile):
 def test_guidance_study_runs_on_a_conditional_snapshot(tmp_path):
     import json
 
-    import torch
-
-    from fdm_fast.nn import build_denoiser
-
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=16, img_channels=1, label_dim=10,
-               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
-                            label_dropout=0.1))
-    torch.manual_seed(0)
-    snap = tmp_path / "cond.pt"
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    snap = tiny_snapshot(tmp_path / "cond.pt", 16, label_dim=10, label_dropout=0.1)
     out, js = tmp_path / "rows.md", tmp_path / "rows.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guidance_study.py"), "--network", str(snap),
                         "--guide-network", str(snap), "--weights", "0", "1", "2", "--num", "20", "--steps", "3",

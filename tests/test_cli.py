@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_snapshot
 from fdm_fast import dataset_tool, fid, generate, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,22 +171,10 @@ def test_generate_bad_options(tmp_path, capsys):
     assert not (tmp_path / "grids").exists()
 
 
-def _tiny_snapshot(path):
-    """An unconditional 8x8x1 fdm_edm snapshot of a tiny untrained network at ``path``."""
-    import torch
-
-    from fdm_fast.nn import build_denoiser
-
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
-               network=dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=()))
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), path)
-    return path
-
-
 def test_generate_grid_makes_its_folder(tmp_path, capsys):
     """--grid into a folder that does not exist yet: made before sampling, as --outdir, fid's --dest and
     dataset_tool's --dest are."""
-    snap = _tiny_snapshot(tmp_path / "snap.pt")
+    snap = tiny_snapshot(tmp_path / "snap.pt")
     grid = tmp_path / "new" / "sub" / "g.png"
     rc, err = _run(generate, ["--network", str(snap), "--seeds", "0-1", "--steps", "2", "--grid", str(grid)], capsys)
     assert rc == 0 and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
@@ -194,7 +183,7 @@ def test_generate_grid_makes_its_folder(tmp_path, capsys):
 def test_generate_refused_with_the_network_leaves_no_new_folder(tmp_path, capsys):
     """Refusals that need the network come after --outdir's and --grid's folders are made (so that a bad
     folder is named before the network loads): those folders, and the parents made with them, go again."""
-    snap = _tiny_snapshot(tmp_path / "snap.pt")
+    snap = tiny_snapshot(tmp_path / "snap.pt")
     (tmp_path / "text.pt").write_text("not a snapshot\n")
     rows = [
         (["--network", str(tmp_path / "text.pt")], "text.pt: not a readable network snapshot"),

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import tiny_snapshot
 from fdm_fast.fid import frechet_distance
 
 scipy_linalg = pytest.importorskip("scipy.linalg", reason="scipy (a scikit-learn dependency) provides the reference")
@@ -63,12 +64,8 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sampler_speed
     from fdm_fast.fid import features, statistics
-    from fdm_fast.nn import build_denoiser
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
-               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
-    torch.manual_seed(0)
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), tmp_path / "snap.pt")
+    tiny_snapshot(tmp_path / "snap.pt")
     proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(1))
     stand_in = lambda x: (x.float().reshape(len(x), -1) / 255) @ proj  # noqa: E731
     real = [torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8) for _ in range(3)]
@@ -89,19 +86,11 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
 def test_sampler_speed_digits_fd_study_end_to_end(tmp_path, capsys):
     """`sampler_speed.py --network SNAP --metric digits-fd` (no download): one row per solver and NFE with a
     finite FD, and a snapshot of other images refused before the speed part, naming --metric."""
-    import torch
-
-    from fdm_fast.nn import build_denoiser
-
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import sampler_speed
 
     def snapshot(name, resolution):
-        cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=resolution, img_channels=1,
-                   network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=()))
-        torch.manual_seed(0)
-        torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), tmp_path / name)
-        return str(tmp_path / name)
+        return str(tiny_snapshot(tmp_path / name, resolution, attn=False))
 
     study = ["--no-speed", "--no-nfe-study", "--metric", "digits-fd", "--nfe", "3", "--fid-num", "16",
              "--batch", "16", "--solvers", "euler", "heun", "--out", str(tmp_path / "out")]
@@ -124,7 +113,6 @@ def test_fid_cli_ref_and_calc_end_to_end_with_a_stand_in_extractor(tmp_path, mon
     from PIL import Image
 
     from fdm_fast import fid
-    from fdm_fast.nn import build_denoiser
 
     proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     seen = []
@@ -159,10 +147,7 @@ def test_fid_cli_ref_and_calc_end_to_end_with_a_stand_in_extractor(tmp_path, mon
     out, err = capsys.readouterr()
     assert float(out.split("FID ")[1]) == pytest.approx(0.0, abs=1e-6) and "fid calc" in err and "45/45" in err
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
-               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
-    torch.manual_seed(0)
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), tmp_path / "snap.pt")
+    tiny_snapshot(tmp_path / "snap.pt")
     with pytest.warns(UserWarning, match="no checksum file"):
         assert fid.main(["calc", "--network", str(tmp_path / "snap.pt"), "--num", "7", "--steps", "2",
                          "--batch", "4", "--ref", str(ref)]) == 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CUDA_ON_CPU, HAS_CPU_EXT, run_group
+from conftest import CUDA_ON_CPU, HAS_CPU_EXT, run_group, tiny_snapshot
 from fdm_fast import ops, schedules, solvers
 from fdm_fast.gmm import GaussianMixtureDenoiser
 from fdm_fast.sampling import edm_sampler, seed_labels
@@ -89,13 +89,8 @@ def test_generate_cli_same_images_for_any_batching(tmp_path):
     from PIL import Image
 
     from fdm_fast.generate import main, parse_seeds
-    from fdm_fast.nn import build_denoiser
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
-               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
-    torch.manual_seed(0)
-    snap = tmp_path / "snap.pt"
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    snap = tiny_snapshot(tmp_path / "snap.pt")
     for b in (2, 5):
         assert main(["--network", str(snap), "--seeds", "0-4", "--steps", "4", "--batch", str(b),
                      "--outdir", str(tmp_path / f"b{b}"), "--S-churn", "5"]) == 0
@@ -118,13 +113,7 @@ def test_generate_on_two_ranks_writes_what_one_process_writes(tmp_path):
     import shutil
     import sys
 
-    from fdm_fast.nn import build_denoiser
-
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
-               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
-    torch.manual_seed(0)
-    snap = tmp_path / "snap.pt"
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    snap = tiny_snapshot(tmp_path / "snap.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
 
@@ -165,14 +154,9 @@ def test_generate_samples_with_the_solver_it_names(tmp_path, capsys):
     from PIL import Image
 
     from fdm_fast.generate import main
-    from fdm_fast.nn import build_denoiser
     from fdm_fast.snapshots import load_snapshot
 
-    cfg = dict(precond="fdm_edm", arch="ddpmpp", img_resolution=8, img_channels=1,
-               network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)))
-    torch.manual_seed(0)
-    snap = tmp_path / "snap.pt"
-    torch.save(dict(config=cfg, ema=build_denoiser(cfg).state_dict()), snap)
+    snap = tiny_snapshot(tmp_path / "snap.pt")
     net = load_snapshot(str(snap), "cpu")
     want = {}
     for heun in (True, False):
