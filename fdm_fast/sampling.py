@@ -36,11 +36,12 @@ def seed_labels(seeds: Union[Sequence[int], torch.Tensor], label_dim: int, devic
     return torch.nn.functional.one_hot(classes, label_dim).float()
 
 
-def _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend):
+def _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend, class_labels):
     """(device, seeds, batch size, precond, time steps as floats ending at 0, x at t[0]) of a sampler."""
     device = ops.canonical_device(device) if device is not None else next(denoiser.parameters()).device
-    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+    seeds = solvers.as_seeds(seeds, device)
     B = seeds.numel()
+    solvers.check_class_labels(denoiser, class_labels, B)
     shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     p = denoiser.precond
     t = [float(v) for v in edm_time_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, precond=p)]
@@ -59,7 +60,8 @@ def edm_sampler(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, num_step
 
     ``heun=False`` gives Euler (NFE = num_steps); Heun has NFE = 2 num_steps - 1.
     """
-    device, seeds, B, p, ts, x = _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend)
+    device, seeds, B, p, ts, x = _setup(denoiser, seeds, num_steps, sigma_min, sigma_max, rho, device, backend,
+                                        class_labels)
     stride = (math.prod(x.shape[1:]) + 3) // 4  # counters one image's noise uses
     gam = _gammas(ts, num_steps, S_churn, S_min, S_max)
     kw = dict(net_dtype=net_dtype, backend=backend)
@@ -179,7 +181,7 @@ class GraphedSampler:
             ops.set_value_checks(prev)
 
     def __call__(self, seeds, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+        seeds = solvers.as_seeds(seeds)
         if seeds.numel() != self.batch:
             raise ValueError(f"seeds: the graph was captured for {self.batch} images, got {seeds.numel()}")
         if (class_labels is None) != (self.labels is None):

@@ -90,6 +90,35 @@ def check_options(solver: str, steps: int, schedule: str = "edm", order: Optiona
                              else f"order: {solver} has no order option, got {order}")
 
 
+def as_seeds(seeds, device=None) -> torch.Tensor:
+    """``seeds`` (a sequence or tensor of integers) as an int64 vector on ``device`` (None: where they are).
+    ValueError, naming ``seeds``, for none or for values that are not integers (no silent truncation of
+    0.5 to 0). Reads no tensor values, so a sampler under CUDA-graph capture can call it."""
+    t = torch.as_tensor(seeds, device=device)
+    if t.numel() == 0:
+        raise ValueError("seeds: expected at least one seed, got none")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"seeds: expected integers, got {t.dtype}")
+    return t.to(torch.int64).reshape(-1)
+
+
+def check_class_labels(denoiser, class_labels, B: int) -> None:
+    """ValueError, naming ``class_labels``, unless they are None or a float tensor [B, label_dim] of a
+    class-conditional ``denoiser`` (None on a conditional network is EDM's all-zero label: unconditional).
+    A denoiser without ``label_dim`` takes whatever its ``raw`` takes."""
+    label_dim = getattr(denoiser, "label_dim", None)
+    if class_labels is None or label_dim is None:
+        return
+    if not label_dim:
+        raise ValueError("class_labels: this network is unconditional (label_dim 0); pass None")
+    got = (f"{class_labels.dtype} {list(class_labels.shape)}" if isinstance(class_labels, torch.Tensor)
+           else type(class_labels).__name__)
+    if not (isinstance(class_labels, torch.Tensor) and class_labels.is_floating_point()
+            and tuple(class_labels.shape) == (B, label_dim)):
+        raise ValueError(f"class_labels: expected a float tensor [{B}, {label_dim}] (one one-hot row per seed; "
+                         f"sampling.seed_labels makes them), got {got}")
+
+
 class _Net:
     """The network side of a run: the main (and guiding) outputs F (and G) for a net input."""
 
@@ -196,8 +225,9 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     if device is None:  # the network's device (a parameterless denoiser: the CPU)
         device = next((q.device for q in denoiser.parameters()), torch.device("cpu"))
     device = ops.canonical_device(device)
-    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+    seeds = as_seeds(seeds, device)
     B = seeds.numel()
+    check_class_labels(denoiser, class_labels, B)
     shape = (B, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     p = denoiser.precond
     # dpm3s: K + 1 nonzero outer levels (sigma_max .. sigma_min) for its K outer steps; the others: steps + 1

@@ -75,6 +75,40 @@ def test_seed_labels_follow_the_one_convention():
     assert seed_labels([1, 2], 0) is None
 
 
+@pytest.mark.parametrize("sampler", ["edm_sampler", "solvers.sample"])
+def test_samplers_name_bad_seeds_and_labels(tmp_path, sampler):
+    """Seeds that are not integers were truncated (0.5 -> 0) and labels of the wrong shape failed deep in the
+    network (a matmul's shapes): both samplers now refuse them up front, naming the argument."""
+    import warnings
+
+    from fdm_fast.snapshots import load_snapshot
+
+    run = edm_sampler if sampler == "edm_sampler" else solvers.sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no checksum file beside these test snapshots
+        cond = load_snapshot(str(tiny_snapshot(tmp_path / "cond.pt", label_dim=10, attn=False)), "cpu")
+        uncond = load_snapshot(str(tiny_snapshot(tmp_path / "uncond.pt", attn=False)), "cpu")
+    rows = [
+        (uncond, [], None, "seeds: expected at least one seed, got none"),
+        (uncond, [0.5, 1.5], None, "seeds: expected integers, got torch.float32"),
+        (uncond, [0, 1], torch.ones(2, 10), "class_labels: this network is unconditional (label_dim 0); pass None"),
+        (cond, [0, 1], torch.ones(3, 10), "class_labels: expected a float tensor [2, 10] (one one-hot row per seed; "
+                                          "sampling.seed_labels makes them), got torch.float32 [3, 10]"),
+        (cond, [0, 1], torch.tensor([1, 2]), "got torch.int64 [2]"),
+        (cond, [0, 1], [1, 2], "got list"),
+    ]
+    kw = {"num_steps": 2} if run is edm_sampler else {"steps": 2}
+    for net, seeds, labels, message in rows:
+        with pytest.raises(ValueError) as e:
+            run(net, seeds, class_labels=labels, **kw)
+        assert message in str(e.value), (seeds, labels, str(e.value))
+    # what they take: integer seeds of any kind, one-hot labels, or none on a conditional network (zeros)
+    assert run(uncond, range(2), **kw).shape == (2, 1, 8, 8)
+    assert run(uncond, np.array([3, 4]), **kw).shape == (2, 1, 8, 8)
+    assert run(cond, [0, 1], class_labels=seed_labels([0, 1], 10), **kw).shape == (2, 1, 8, 8)
+    assert run(cond, [0, 1], **kw).shape == (2, 1, 8, 8)
+
+
 @pytest.mark.parametrize("name", ["edm", "fdm_edm", "fdm_vp"])
 def test_samples_match_mixture_moments_at_high_nfe(name):
     gmm = GaussianMixtureDenoiser.random(k=3, shape=(2, 1, 1), seed=4, precond=name, spread=1.5)
