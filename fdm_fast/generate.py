@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         if v < 1:
             eprint(f"error: {flag}: expected a positive integer, got {v}")
             return 2
-    bad = bad_number(args)
+    bad = _bad_number(args)
     if bad:
         eprint(f"error: {bad}")
         return 2
@@ -195,7 +195,7 @@ def _remove_empty(folders) -> None:
             pass
 
 
-def bad_number(args) -> Optional[str]:
+def _bad_number(args) -> Optional[str]:
     """What is wrong with the first sampling number no sampler takes (``--flag: expected ..., got ...``), or
     None. Checked before any folder or network; the range left after clipping to the network's own is
     checked once the network is loaded."""
