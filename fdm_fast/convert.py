@@ -36,7 +36,11 @@ def main(argv=None) -> int:
         net = build_denoiser(config)
         net.load_state_dict(state)  # strict: every official tensor has its place
     except (OfficialFormatError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with open(args.source, "rb") as f:
+            ours = f.read(4) == b"PK\x03\x04"  # torch.save's zip: most likely an fdm_fast snapshot
+        hint = ("; an fdm_fast snapshot needs no conversion: generate --network and fid calc --network take it as "
+                "it is") if ours else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     why = cannot_write_in(args.outdir)
     if why is not None:

@@ -104,6 +104,11 @@ class _Unpickler(pickle.Unpickler):
 def load_official(path) -> dict:
     """The top-level dict of an official snapshot (``ema``, ``loss_fn``, ...), objects as Records."""
     with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head == b"PK\x03\x04":  # torch.save's zip archive: what fdm_fast writes, not what EDM/FDM pickle
+            raise OfficialFormatError(f"{path}: a zip archive (torch.save's format, as fdm_fast's own snapshots "
+                                      "are), not an official EDM/FDM pickle")
         try:
             data = _Unpickler(f).load()
         except OfficialFormatError as e:

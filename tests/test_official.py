@@ -118,6 +118,12 @@ def test_convert_writes_a_snapshot_safetensors_and_json_that_all_load(tmp_path, 
     rc = generate.main(["--network", str(src), "--seeds", "0-3", "--steps", "3", "--grid", str(tmp_path / "g.png")])
     assert rc == 0 and (tmp_path / "g.png").stat().st_size > 0
     capsys.readouterr()
+    # an fdm_fast snapshot given as the source: named for what it is (it was an unpickling error about
+    # persistent IDs), with where it can be used as it is
+    assert convert.main([str(tmp_path / "out" / "network-snapshot.pt"), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "a zip archive (torch.save's format, as fdm_fast's own snapshots are), not an official EDM/FDM pickle; " \
+           "an fdm_fast snapshot needs no conversion" in err and not (tmp_path / "again").exists(), err
     # an output folder it cannot create, or cannot write in (/proc refuses new files even to root)
     for outdir, message in ((tmp_path / "g.png" / "out", "cannot create it"), ("/proc", "cannot write files there")):
         if outdir == "/proc" and not os.path.isdir("/proc"):
