@@ -19,7 +19,7 @@ same noise (median, 90th percentile, samples that switched mixture component) an
 samples' mean and covariance against the mixture's. With ``--network SNAP --ref REF.npz --inception
 WEIGHTS``: FID vs NFE per solver for that trained snapshot.
 
-Writes a table to stdout, JSON and a PNG plot (matplotlib, if installed) next to --out, and rows to
+Writes a table to stdout, JSON and a PNG plot (Pillow) into --out, and rows to
 benchmarks/RESULTS.md.
 """
 
@@ -39,6 +39,7 @@ from _harness import (add_results_arg, append_results, check_outputs, deadline_a
 from fdm_fast import ops  # noqa: E402
 from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
+from fdm_fast.plots import subplots  # noqa: E402
 from fdm_fast import solvers  # noqa: E402
 from fdm_fast.sampling import GraphedSampler, edm_sampler  # noqa: E402
 from fdm_fast.schedules import PRECONDS, edm_time_steps  # noqa: E402
@@ -211,34 +212,33 @@ def nfe_fid(args, net, device, extractor=None):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot; pip install matplotlib)")
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """The speed panel (images/s vs NFE per variant, first batch size) and the NFE study's panel (median
+    per-sample error vs NFE per solver, dashed: the 90th percentile; log-log) as one PNG, drawn with
+    Pillow (fdm_fast.plots), so every machine that runs the benchmark gets the picture. None without rows
+    of either kind."""
+    panels = []
     sp = [r for r in rows if r["kind"] == "speed"]
-    for v in sorted({r["variant"] for r in sp}):
-        pts = sorted((r["nfe"], r["img_per_s"]) for r in sp if r["variant"] == v and r["batch"] == sp[0]["batch"])
-        axes[0].plot(*zip(*pts), marker="o", label=v)
-    axes[0].set(xlabel="NFE", ylabel="images / s", title=f"speed, batch {sp[0]['batch'] if sp else ''}")
-    axes[0].legend()
+    if sp:
+        batch = sp[0]["batch"]
+        series = []
+        for v in sorted({r["variant"] for r in sp}):
+            pts = sorted((r["nfe"], r["img_per_s"]) for r in sp if r["variant"] == v and r["batch"] == batch)
+            series.append(dict(x=[n for n, _ in pts], y=[y for _, y in pts], label=v))
+        panels.append(dict(series=series, title=f"sampler speed, batch {batch} (higher is better)", xlabel="NFE",
+                           ylabel="images / s"))
     nf = [r for r in rows if r["kind"] == "nfe"]
-    for s in solvers.SOLVERS:
-        pts = sorted((r["nfe"], r["median_err"], r["p90_err"]) for r in nf if r["sampler"] == s)
-        if pts:
-            n, med, p90 = zip(*pts)
-            line = axes[1].loglog(n, med, marker="o", label=f"{s} (median; dashed: 90th pct.)")[0]
-            axes[1].loglog(n, p90, linestyle="--", color=line.get_color())
-    axes[1].set(xlabel="NFE", ylabel="per-sample RMS distance to a 500-step solution", title="analytic mixture")
     if nf:
-        axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+        series = []
+        for k, s in enumerate(solvers.SOLVERS):
+            pts = sorted((r["nfe"], r["median_err"], r["p90_err"]) for r in nf if r["sampler"] == s)
+            if pts:
+                n, med, p90 = (list(c) for c in zip(*pts))
+                series += [dict(x=n, y=med, label=s, color=k), dict(x=n, y=p90, color=k, dashed=True)]
+        panels.append(dict(series=series, title="analytic mixture: median per-sample error (dashed: 90th percentile)",
+                           xlabel="NFE", ylabel="RMS distance to a 500-step solution", logx=True, logy=True))
+    if not panels:
+        return None
+    return subplots(path, panels, cols=len(panels))
 
 
 def main(argv=None):

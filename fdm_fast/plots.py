@@ -24,10 +24,14 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Ticks of a log axis (lo, hi in log10 units) at 1, 2 and 5 times powers of ten, in log10 units."""
-    out = [math.log10(m * 10.0 ** k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
-    out = [t for t in out if lo - 1e-9 <= t <= hi + 1e-9]
-    return out if len(out) >= 2 else _ticks(lo, hi)
+    """Ticks of a log axis (lo, hi in log10 units), in log10 units: at 1, 2 and 5 times powers of ten, or
+    at every integer multiple for a range of less than a decade, else at round values of the range."""
+    for mults in ((1, 2, 5), range(1, 10)):
+        out = [math.log10(m * 10.0 ** k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in mults]
+        out = [t for t in out if lo - 1e-9 <= t <= hi + 1e-9]
+        if len(out) >= 2:
+            return out
+    return [math.log10(v) for v in _ticks(10 ** lo, 10 ** hi) if v > 0]
 
 
 def _fmt(v: float) -> str:
@@ -41,7 +45,8 @@ def _fmt(v: float) -> str:
 def line_plot(path: str, series: Sequence[dict], *, title: str = "", xlabel: str = "", ylabel: str = "",
               logx: bool = False, logy: bool = False, size=(720, 440)) -> str:
     """Write a PNG of ``series`` (dicts with ``x``, ``y``, ``label`` and optional ``lo``/``hi`` band
-    bounds and ``color`` index) to ``path`` (atomically); returns the path."""
+    bounds, ``color`` index and ``dashed``; a series without a label has no legend entry) to ``path``
+    (atomically); returns the path."""
     from PIL import Image, ImageDraw, ImageFont
 
     W, H = size
@@ -96,6 +101,7 @@ def line_plot(path: str, series: Sequence[dict], *, title: str = "", xlabel: str
     if ylabel:
         d.text((6, top - 14 if title else 2), ylabel, fill=(0, 0, 0), font=font)
 
+    entries = 0
     for k, s in enumerate(series):
         color = COLORS[s.get("color", k) % len(COLORS)]
         xs = list(s["x"])
@@ -106,14 +112,23 @@ def line_plot(path: str, series: Sequence[dict], *, title: str = "", xlabel: str
                 poly = [px(tx(x), ty(hi)) for x, _, hi in band] + [px(tx(x), ty(lo)) for x, lo, _ in reversed(band)]
                 d.polygon(poly, fill=color + (50,))
         line = [px(tx(x), ty(y)) for x, y in zip(xs, s["y"]) if y is not None and math.isfinite(y)]
-        if len(line) >= 2:
+        if s.get("dashed"):
+            for (ax, ay), (bx, by) in zip(line, line[1:]):
+                n = max(1, int(math.hypot(bx - ax, by - ay) / 8))  # 8-pixel periods, half of each drawn
+                for i in range(n):
+                    f0, f1 = i / n, (i + 0.5) / n
+                    d.line([ax + f0 * (bx - ax), ay + f0 * (by - ay), ax + f1 * (bx - ax), ay + f1 * (by - ay)],
+                           fill=color, width=1)
+        elif len(line) >= 2:
             d.line(line, fill=color, width=2)
         for X, Y in line:
-            d.ellipse([X - 2.5, Y - 2.5, X + 2.5, Y + 2.5], fill=color)
-        # legend, top right
-        ly = top + 8 + 14 * k
-        d.line([W - right - 150, ly + 6, W - right - 130, ly + 6], fill=color, width=3)
-        d.text((W - right - 125, ly), str(s.get("label", ""))[:22], fill=(0, 0, 0), font=font)
+            r = 1.5 if s.get("dashed") else 2.5
+            d.ellipse([X - r, Y - r, X + r, Y + r], fill=color)
+        if s.get("label"):  # legend, top right
+            ly = top + 8 + 14 * entries
+            entries += 1
+            d.line([W - right - 150, ly + 6, W - right - 130, ly + 6], fill=color, width=3)
+            d.text((W - right - 125, ly), str(s["label"])[:22], fill=(0, 0, 0), font=font)
     tmp = f"{path}.tmp{os.getpid()}.png"
     img.save(tmp)
     os.replace(tmp, path)

@@ -55,3 +55,43 @@ def test_training_plot_of_a_run_folder(tmp_path):
         assert path == str(tmp_path / "training.png") and im.size == (1440, 440)
     colors = _colors(path)
     assert (31, 119, 180) in colors and (44, 160, 44) in colors  # the loss and the speed lines
+
+
+def test_dashed_and_unlabelled_series_and_log_ticks_within_a_decade(tmp_path):
+    from fdm_fast.plots import _log_ticks
+
+    # less than a decade: every integer multiple (before: the fallback put ticks at 5.01, 6.31, 7.94)
+    assert [round(10 ** t, 9) for t in _log_ticks(math.log10(5), math.log10(9))] == [5, 6, 7, 8, 9]
+    assert [round(10 ** t, 9) for t in _log_ticks(0, 2)] == [1, 2, 5, 10, 20, 50, 100]
+    path = str(tmp_path / "d.png")
+    line_plot(path, [dict(x=[1, 9], y=[2, 2], label="solid"), dict(x=[1, 9], y=[1, 1], color=1, dashed=True)])
+    with Image.open(path) as im:
+        px = im.convert("RGB").load()
+        W, H = im.size
+    red = (214, 39, 40)
+    row = max(range(H), key=lambda y: sum(px[x, y] == red for x in range(W)))
+    xs = [x for x in range(W) if px[x, row] == red]
+    assert len(xs) > 100 and len(xs) < 0.8 * (xs[-1] - xs[0] + 1)  # a long line with gaps: dashed
+    legend = {px[x, y] for x in range(W - 175, W - 140) for y in range(30, 80)}
+    assert (31, 119, 180) in legend and red not in legend  # the unlabelled series has no legend entry
+
+
+def test_sampler_speed_plot_draws_both_panels_without_matplotlib(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sampler_speed
+
+    rows = [dict(kind="speed", variant=v, batch=8, nfe=n, img_per_s=s * n) for v, s in (("official", 1.0),
+                                                                                        ("fused", 2.0))
+            for n in (5, 9)]
+    rows += [dict(kind="nfe", sampler=s, nfe=n, median_err=e / n, p90_err=3 * e / n) for s, e in (("euler", 1.0),
+                                                                                                  ("heun", 0.5))
+             for n in (5, 9, 17)]
+    path = sampler_speed.plot(rows, str(tmp_path / "s.png"))
+    with Image.open(path) as im:
+        assert im.size == (1440, 440)
+    colors = _colors(path)
+    assert (31, 119, 180) in colors and (214, 39, 40) in colors  # the first two series of each panel
+    assert sampler_speed.plot([dict(kind="fid")], str(tmp_path / "none.png")) is None
