@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .data.dataset import IMAGE_EXT, DatasetError
-from .snapshots import cannot_write
+from .snapshots import cannot_write, missing_folders, remove_empty_folders
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -129,18 +129,22 @@ def convert(source: str, dest: str, resolution: Optional[int] = None, max_images
         raise DatasetError(f"--source {source}: no such file or folder")
     if os.path.exists(dest):
         raise DatasetError(f"--dest {dest}: already exists; remove it or choose another path")
+    made = missing_folders(os.path.dirname(os.path.abspath(dest)))
     why = cannot_write(dest)
     if why:
+        remove_empty_folders(made)
         raise DatasetError(f"--dest {dest}: {why}")
     tmp = dest + ".partial"
     try:
         return _convert(source, dest, tmp, is_zip, resolution, max_images, progress)
     except BaseException:
-        # nothing half-written stays behind, whatever failed (a bad file, a full disk, Ctrl-C)
+        # nothing half-written stays behind, whatever failed (a bad file, a full disk, Ctrl-C), nor the
+        # folders made for it
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
+        remove_empty_folders(made)
         raise
 
 

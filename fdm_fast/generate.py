@@ -32,7 +32,8 @@ from .sampling import GraphedSampler, edm_sampler, seed_labels
 from .schedules import time_steps
 from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
-from .snapshots import SnapshotError, cannot_write, cannot_write_in, load_snapshot
+from .snapshots import (SnapshotError, cannot_write, cannot_write_in, load_snapshot, missing_folders,
+                        remove_empty_folders)
 
 
 def parse_seeds(s: str) -> list:
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     # the folders made now (last: a refused command leaves no folder behind); removed again, if still empty,
     # when a refusal that needs the network comes later
     made = [f for out in (args.outdir, os.path.dirname(os.path.abspath(args.grid)) if args.grid else None) if out
-            for f in _missing(out)]
+            for f in missing_folders(out)]
     if args.grid:
         why = (f"is a folder; expected the PNG file to write (e.g. {args.grid}/grid.png)" if os.path.isdir(args.grid)
                else cannot_write(args.grid))
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         why = cannot_write_in(args.outdir)
         if why is not None:
             eprint(f"error: --outdir {args.outdir}: {why}")
-            _remove_empty(made)  # --grid's
+            remove_empty_folders(made)  # --grid's
             return 2
     ours = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     init_distributed()
@@ -173,26 +174,7 @@ def main(argv=None) -> int:
         if ours:
             shutdown_distributed()
         if rc != 0:
-            _remove_empty(made)
-
-
-def _missing(folder: str) -> list:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    out, folder = [], os.path.abspath(folder)
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        out.append(folder)
-        folder = os.path.dirname(folder)
-    return out
-
-
-def _remove_empty(folders) -> None:
-    """Remove each of ``folders`` (deepest first) that is empty."""
-    for folder in folders:
-        try:
-            if not os.listdir(folder):
-                os.rmdir(folder)
-        except OSError:  # another rank removed it first, or wrote into it
-            pass
+            remove_empty_folders(made)
 
 
 def _bad_number(args) -> Optional[str]:

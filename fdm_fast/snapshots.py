@@ -103,6 +103,27 @@ def cannot_write(path: str) -> Optional[str]:
     return f"cannot write files in its folder {parent} ({why})"
 
 
+def missing_folders(folder: str) -> list:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what checking an output
+    (cannot_write_in, cannot_write) will create, for remove_empty_folders if the command then fails."""
+    out, folder = [], os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        out.append(folder)
+        folder = os.path.dirname(folder)
+    return out
+
+
+def remove_empty_folders(folders) -> None:
+    """Remove each of ``folders`` (deepest first, as missing_folders lists them) that is empty, so that a
+    command refused after making its output folders leaves none behind."""
+    for folder in folders:
+        try:
+            if not os.listdir(folder):
+                os.rmdir(folder)
+        except OSError:  # another rank removed it first, or wrote into it
+            pass
+
+
 def remove(path: str) -> None:
     for p in (path, f"{path}.sha256"):
         if os.path.exists(p):

@@ -44,8 +44,8 @@ from .nn import build_denoiser, count_parameters
 from .sampling import edm_sampler, seed_labels
 from .schedules import PRECONDS
 from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
-                        load_state, newest_valid_checkpoint, normalise_config, remove, remove_stale_temp_files,
-                        snapshot_name)
+                        load_state, missing_folders, newest_valid_checkpoint, normalise_config, remove,
+                        remove_empty_folders, remove_stale_temp_files, snapshot_name)
 
 # Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
 # network for the embedded digits that trains to recognisable samples in minutes on a 2-core CPU.
@@ -899,7 +899,7 @@ def _main(args) -> int:
         print(json.dumps(dataclasses.asdict(o), indent=2, default=str))
     if args.dry_run:
         return 0
-    made = rank == 0 and not os.path.exists(o.outdir)
+    made = missing_folders(o.outdir) if rank == 0 else []
     if rank == 0:
         why = cannot_write_in(o.outdir)
         if why is not None:
@@ -911,8 +911,7 @@ def _main(args) -> int:
         return 2
     finally:
         shutdown_distributed()
-        if made and os.path.isdir(o.outdir) and not os.listdir(o.outdir):
-            os.rmdir(o.outdir)  # a run refused before it wrote anything (a bad --data, say) leaves no folder
+        remove_empty_folders(made)  # a run refused before it wrote anything (a bad --data, say) leaves no folder
     if rank == 0 and not result["stopped_by"]:
         print(f"done: checkpoints, snapshots and sample grids in {o.outdir}")
     return exit_status(result)

@@ -15,7 +15,8 @@ from conftest import tiny_snapshot
 from fdm_fast import dataset_tool, fid, generate, train
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--ds", "digits", "--resolution", "8", "--batch", "16", "--precision", "fp32", "--no-compile", "--kimg", "0.032"]
+TINY = ["--ds", "digits", "--resolution", "8", "--batch", "16", "--precision", "fp32", "--no-compile",
+        "--kimg", "0.032"]
 
 
 def _png(arr):
@@ -248,7 +249,12 @@ def test_fid_bad_options(tmp_path, capsys):
 
 
 def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
+    from PIL import Image
+
     bad = _zip(tmp_path / "crc.zip", bad_crc=True)
+    (tmp_path / "mixed").mkdir()
+    for name, size in (("a.png", 8), ("b.png", 10)):
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / "mixed" / name)
     rows = [
         (["--source", bad, "--dest", str(tmp_path / "out.zip")], "the zip member is damaged"),
         (["--source", _zip(tmp_path / "lab.zip", labels="[1, 2"), "--dest", str(tmp_path / "out2.zip")],
@@ -258,11 +264,15 @@ def test_dataset_tool_bad_input_leaves_nothing_behind(tmp_path, capsys):
         (["--source", bad, "--dest", str(tmp_path / "out5"), "--max-images", "0"], "--max-images"),
         (["--source", bad, "--dest", str(tmp_path / "crc.zip" / "out6.zip")], "out6.zip: cannot create its folder"),
         (["--source", str(tmp_path / "none"), "--dest", str(tmp_path / "out7.zip")], "none: no such file or folder"),
+        # found mid-conversion, after --dest's new folders were made: they go again (they stayed, empty)
+        (["--source", bad, "--dest", str(tmp_path / "out8" / "a" / "out.zip")], "the zip member is damaged"),
+        (["--source", str(tmp_path / "mixed"), "--dest", str(tmp_path / "out9" / "ds")],
+         "b.png: size (10, 10, 3) differs from the first image's (8, 8, 3); pass --resolution R"),
     ]
     for argv, message in rows:
         rc, err = _run(dataset_tool, argv, capsys)
         assert rc == 2 and message in err, (argv, err)
-        if "damaged" not in message and "dataset.json" not in message:  # those two are found while reading
+        if not any(w in message for w in ("damaged", "dataset.json", "differs")):  # those are found while reading
             assert "img/s" not in err, (argv, err)  # an option refused before the progress bar starts
     left = sorted(p.name for p in tmp_path.iterdir())
     assert not [n for n in left if n.startswith("out")], left  # no .zip.partial, no half folder
