@@ -18,6 +18,7 @@ at which NFE): dpm++2m or ipndm at NFE 6-10, dpm++3m at NFE 5; heun needs about 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -33,7 +34,7 @@ from .schedules import time_steps
 from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import save_grid
 from .snapshots import (SnapshotError, cannot_write, cannot_write_in, load_snapshot, missing_folders,
-                        remove_empty_folders)
+                        remove_empty_folders, sha256_of)
 
 
 def parse_seeds(s: str) -> list:
@@ -237,6 +238,12 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
     if args.class_idx is not None and not 0 <= args.class_idx < net.label_dim:
         eprint(f"error: --class: expected 0..{net.label_dim - 1}, got {args.class_idx}")
         return 2
+    settings = image_settings(args) if args.outdir else None
+    if settings:  # one folder, one set of settings: a resumed or repeated run may not mix in others
+        why = _settings_refused(args.outdir, settings)
+        if why:
+            eprint(f"error: --outdir {args.outdir}: {why}")
+            return 2
     mine = seeds[rank::world]
     skipped = 0
     if args.skip_existing:  # each rank checks only its own seeds: no race with another rank's writes
@@ -270,6 +277,8 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
         except ValueError as e:
             eprint(f"error: {e}")
             return 2
+    if settings and rank == 0:  # recorded once the run is past its checks (a refused one leaves no file)
+        _record_settings(args.outdir, settings)
     graphed = None
     results = []
     for batch in tqdm(batches, unit="batch", disable=rank != 0, desc="generate"):
@@ -306,6 +315,50 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
               + (f" -> {args.outdir}" if args.outdir else "") + (f" -> {args.grid}" if args.grid else "")
               + (f"; skipped {skipped} seeds whose PNG was there" if args.skip_existing else ""))
     return 0
+
+
+SETTINGS_FILE = "generate.json"
+
+
+def image_settings(args) -> dict:
+    """What decides an image besides its seed (not the batch size: images are batch-invariant, nor compile
+    or backend, which change rounding only): the networks' SHA-256 and every sampling option."""
+    return dict(network_sha256=sha256_of(args.network),
+                guide_network_sha256=sha256_of(args.guide_network) if args.guide_network else None,
+                solver=args.solver, schedule=args.schedule, steps=args.steps, order=args.order,
+                guidance=args.guidance, class_idx=args.class_idx, precision=args.precision,
+                sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
+                S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+
+
+def _settings_refused(outdir: str, settings: dict) -> Optional[str]:
+    """Why ``outdir`` may not take images of ``settings`` (its generate.json records others), or None (no
+    record: a new folder, or one an older version wrote)."""
+    path = os.path.join(outdir, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)["settings"]
+        diff = [k for k in settings if old.get(k) != settings[k]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"cannot read {path} ({type(e).__name__}: {e}); remove it to go on"
+    if not diff:
+        return None
+    short = lambda k, v: f"{v[:12]}..." if k.endswith("sha256") and isinstance(v, str) else repr(v)  # noqa: E731
+    return ("holds images made with other settings (" + "; ".join(f"{k}: {short(k, old.get(k))} there, "
+                                                                 f"{short(k, settings[k])} now" for k in diff)
+            + f"; from {path}): use another --outdir or the settings that made them, or remove that file to "
+            "write over them")
+
+
+def _record_settings(outdir: str, settings: dict) -> None:
+    """Write ``outdir``/generate.json (under a temporary name, then renamed)."""
+    path = os.path.join(outdir, SETTINGS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(dict(settings=settings, written_by="python -m fdm_fast.generate"), f, indent=2)
+    os.replace(tmp, path)
 
 
 def png_path(outdir: str, seed: int) -> str:

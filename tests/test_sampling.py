@@ -459,3 +459,43 @@ def test_generate_skip_existing_continues_a_run_cut_short(tmp_path, monkeypatch,
     assert main([*args, "--skip-existing", "--grid", str(tmp_path / "g.png"), "--outdir", str(cut)]) == 2
     assert main([*args, "--skip-existing", "--grid", str(tmp_path / "g.png")]) == 2
     assert "--skip-existing: expected --outdir without --grid" in capsys.readouterr().err
+
+
+def test_generate_outdir_holds_images_of_one_set_of_settings(tmp_path, capsys):
+    """A run continued with --skip-existing (or repeated) with other settings would mix two kinds of images
+    in one folder, and an FID of that folder would be of neither: generate.json records what made the
+    images (network SHA-256 and every sampling option), and a run with other settings is refused before
+    it writes anything, naming what differs. The batch size is not a setting (images are
+    batch-invariant); a folder without the record (an older version's) takes the run and gets one."""
+    import json
+
+    from fdm_fast.generate import main
+
+    snap = tiny_snapshot(tmp_path / "snap.pt")
+    other = tiny_snapshot(tmp_path / "other.pt", attn=False)
+    out = tmp_path / "out"
+    base = ["--network", str(snap), "--seeds", "0-3", "--steps", "2", "--outdir", str(out)]
+    assert main(base) == 0
+    rec = json.loads((out / "generate.json").read_text())["settings"]
+    assert rec["steps"] == 2 and rec["solver"] == "heun" and len(rec["network_sha256"]) == 64
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 4
+    capsys.readouterr()
+    for extra, message in [(["--steps", "3"], "steps: 2 there, 3 now"),
+                           (["--solver", "euler"], "solver: 'heun' there, 'euler' now"),
+                           (["--precision", "bf16"], "precision: 'fp32' there, 'bf16' now"),
+                           (["--S-churn", "1"], "S_churn: 0.0 there, 1.0 now"),
+                           (["--network", str(other)], "network_sha256: ")]:
+        assert main([*base, "--seeds", "0-5", "--skip-existing", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert f"--outdir {out}: holds images made with other settings (" in err and message in err, (extra, err)
+        assert sorted(out.rglob("*.png")) == pngs  # nothing written
+    assert main([*base, "--seeds", "0-5", "--skip-existing", "--batch", "5"]) == 0  # the same settings
+    assert len(sorted(out.rglob("*.png"))) == 6
+    # a record that cannot be read is named, not overwritten
+    (out / "generate.json").write_text("{torn")
+    assert main(base) == 2 and "generate.json (JSONDecodeError" in capsys.readouterr().err
+    # a folder an older version wrote (no record) takes the run, which records its settings
+    (out / "generate.json").unlink()
+    assert main([*base, "--steps", "3"]) == 0
+    assert json.loads((out / "generate.json").read_text())["settings"]["steps"] == 3
