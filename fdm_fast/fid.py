@@ -50,6 +50,19 @@ def _generated_batches(network: str, num: int, batch: int, steps: int, device):
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
+def _made_with(folder: str):
+    """The settings a folder of generate's images records (its generate.json), as one line, or None."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "generate.json")) as f:
+            settings = json.load(f)["settings"]
+        return ", ".join(f"{k} {v[:12] + '...' if k.endswith('sha256') else v}" for k, v in settings.items()
+                         if v is not None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not generate's folder (or a zip): nothing to add
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fdm_fast.fid", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +113,10 @@ def main(argv=None) -> int:
         if not args.images:
             num, batches = args.num, _generated_batches(args.network, args.num, args.batch, args.steps, device)
         mu, sigma = statistics(features(extractor, batches, device, total=num, desc="fid calc"))
+        if args.images:
+            made = _made_with(args.images)
+            if made:
+                print(f"{args.images}: {num} images made by generate with {made}")
         print(f"FID {frechet_distance(mu, sigma, *ref):.4f}")
         return 0
     except (FIDError, MetricError) as e:

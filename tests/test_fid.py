@@ -164,3 +164,14 @@ def test_fid_cli_ref_and_calc_end_to_end_with_a_stand_in_extractor(tmp_path, mon
     assert float(out.split("FID ")[1]) > 0 and "30/30" in err
     assert fid.main(["calc", "--images", str(tmp_path / "refs"), "--ref", str(ref)]) == 2  # no images in it
     assert "contains no images" in capsys.readouterr().err
+    # generate's own folder: the settings its generate.json records are printed with the FID
+    from fdm_fast import generate
+
+    with pytest.warns(UserWarning, match="no checksum file"):
+        assert generate.main(["--network", str(tmp_path / "snap.pt"), "--seeds", "0-4", "--steps", "2", "--outdir",
+                              str(tmp_path / "gen")]) == 0
+    capsys.readouterr()
+    assert fid.main(["calc", "--images", str(tmp_path / "gen"), "--ref", str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'gen'}: 5 images made by generate with network_sha256 " in out and ", steps 2," in out, out
+    assert float(out.split("FID ")[1]) > 0
