@@ -41,7 +41,7 @@ from fdm_fast.gmm import GaussianMixtureDenoiser  # noqa: E402
 from fdm_fast.nn import build_denoiser, count_parameters  # noqa: E402
 from fdm_fast.plots import subplots  # noqa: E402
 from fdm_fast import solvers  # noqa: E402
-from fdm_fast.sampling import GraphedSampler, edm_sampler  # noqa: E402
+from fdm_fast.sampling import GraphedSampler, edm_sampler, seed_labels  # noqa: E402
 from fdm_fast.schedules import PRECONDS, edm_time_steps  # noqa: E402
 
 
@@ -169,9 +169,13 @@ def nfe_analytic(args):
 
 
 def _samples_uint8(net, solver, steps, num, batch, device, schedule="edm"):
+    """Seeds 0..num-1 as uint8 images, a class-conditional network's with the labels every tool gives them
+    (sampling.seed_labels: seed s draws class s mod label_dim), as fid calc --network samples them."""
     for i in range(0, num, batch):
         seeds = list(range(i, min(i + batch, num)))
-        x = solvers.sample(net, seeds, solver=solver, steps=steps, schedule=schedule, device=device)
+        labels = seed_labels(seeds, getattr(net, "label_dim", 0), device)
+        x = solvers.sample(net, seeds, solver=solver, steps=steps, schedule=schedule, class_labels=labels,
+                           device=device)
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 

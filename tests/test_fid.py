@@ -81,6 +81,21 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
     rows = sampler_speed.nfe_fid(args, net, torch.device("cpu"), extractor=stand_in)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [(s, n) for s in solvers.SOLVERS for n in (3, 5)]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+    # a class-conditional network is sampled with the labels fid calc --network gives (seed s: class s mod
+    # label_dim), not with none (EDM's zero label: the unconditional branch; it sampled that before)
+    from fdm_fast.sampling import seed_labels
+
+    with pytest.warns(UserWarning, match="no checksum file"):
+        cond = load_snapshot(str(tiny_snapshot(tmp_path / "cond.pt", label_dim=10)))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # an untrained SongUNet ignores its labels (zero-initialised output convs): perturb
+        for prm in cond.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=g))
+    got = torch.cat(list(sampler_speed._samples_uint8(cond, "heun", 3, 6, 4, torch.device("cpu"))))
+    want = solvers.sample(cond, range(6), solver="heun", steps=3, class_labels=seed_labels(range(6), 10))
+    assert torch.equal(got, (want.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8))
+    unlabelled = solvers.sample(cond, range(6), solver="heun", steps=3)
+    assert not torch.equal(got, (unlabelled.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8))
 
 
 def test_sampler_speed_digits_fd_study_end_to_end(tmp_path, capsys):
