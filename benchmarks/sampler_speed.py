@@ -215,11 +215,11 @@ def nfe_fid(args, net, device, extractor=None):
     return rows
 
 
-def plot(rows, path):
-    """The speed panel (images/s vs NFE per variant, first batch size) and the NFE study's panel (median
-    per-sample error vs NFE per solver, dashed: the 90th percentile; log-log) as one PNG, drawn with
-    Pillow (fdm_fast.plots), so every machine that runs the benchmark gets the picture. None without rows
-    of either kind."""
+def plot(rows, path, metric="FID"):
+    """The speed panel (images/s vs NFE per variant, first batch size), the NFE study's panel (median
+    per-sample error vs NFE per solver, dashed: the 90th percentile; log-log) and the network study's
+    (``metric`` vs NFE per solver) as one PNG, drawn with Pillow (fdm_fast.plots), so every machine that
+    runs the benchmark gets the picture. None without rows of any of these kinds."""
     panels = []
     sp = [r for r in rows if r["kind"] == "speed"]
     if sp:
@@ -240,6 +240,15 @@ def plot(rows, path):
                 series += [dict(x=n, y=med, label=s, color=k), dict(x=n, y=p90, color=k, dashed=True)]
         panels.append(dict(series=series, title="analytic mixture: median per-sample error (dashed: 90th percentile)",
                            xlabel="NFE", ylabel="RMS distance to a 500-step solution", logx=True, logy=True))
+    fq = [r for r in rows if r["kind"] == "fid"]
+    if fq:
+        series = []
+        for k, s in enumerate(solvers.SOLVERS):
+            pts = sorted((r["nfe"], r["fid"]) for r in fq if r["sampler"] == s)
+            if pts:
+                series.append(dict(x=[n for n, _ in pts], y=[f for _, f in pts], label=s, color=k))
+        panels.append(dict(series=series, title=f"{metric} of the network's samples vs NFE (lower is better)",
+                           xlabel="NFE", ylabel=metric, logx=True, logy=True))
     if not panels:
         return None
     return subplots(path, panels, cols=len(panels))
@@ -349,7 +358,7 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "sampler_speed.json", dict(machine=machine, rows=rows))
         print(f"json: {args.out / 'sampler_speed.json'}")
-        png = plot(rows, str(args.out / "sampler_speed.png"))
+        png = plot(rows, str(args.out / "sampler_speed.png"), metric=mname)
         if png:
             print(f"plot: {png}")
     if args.results:

@@ -114,6 +114,10 @@ def test_sampler_speed_digits_fd_study_end_to_end(tmp_path, capsys):
     assert [(r["sampler"], r["nfe"], r["images"]) for r in rows] == [("euler", 3, 16), ("heun", 3, 16)]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
     assert "digits FD vs NFE" in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "sampler_speed.png") as im:  # the quality-vs-NFE panel alone
+        assert im.size == (720, 440)
     with pytest.raises(SystemExit):
         sampler_speed.main(["--network", snapshot("d8.pt", 8), *study])
     assert "--metric digits-fd: scores 16x16 grayscale digits" in capsys.readouterr().err

@@ -94,4 +94,4 @@ def test_sampler_speed_plot_draws_both_panels_without_matplotlib(tmp_path):
         assert im.size == (1440, 440)
     colors = _colors(path)
     assert (31, 119, 180) in colors and (214, 39, 40) in colors  # the first two series of each panel
-    assert sampler_speed.plot([dict(kind="fid")], str(tmp_path / "none.png")) is None
+    assert sampler_speed.plot([dict(kind="overhead")], str(tmp_path / "none.png")) is None
