@@ -153,6 +153,7 @@ def main(argv=None) -> int:
                else cannot_write(args.grid))
         if why is not None:
             eprint(f"error: --grid {args.grid}: {why}")
+            remove_empty_folders(made)
             return 2
     if args.outdir:
         why = cannot_write_in(args.outdir)
