@@ -93,7 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--class", dest="class_idx", type=int, default=None,
                     help="class of every image (class-conditional networks; default: seed s draws class s mod the "
                          "number of classes)")
-    ap.add_argument("--outdir", default=None, help="write one PNG per seed here (1000 per subfolder)")
+    ap.add_argument("--outdir", default=None,
+                    help="write one PNG per seed here (1000 per subfolder), and generate.json: the network's SHA-256 "
+                         "and the sampling options, which a later run into the same folder must share")
     ap.add_argument("--skip-existing", action="store_true",
                     help="with --outdir: do not generate seeds whose PNG is already there, so a run cut short "
                          "continues where it stopped (each image depends on its seed only; PNGs are written "
