@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from .official import OfficialFormatError, load_official, save_safetensors, to_fdm_fast
+from .official import OfficialFormatError, is_zip_archive, load_official, save_safetensors, to_fdm_fast
 from .snapshots import atomic_save, cannot_write_in, write_checksum
 
 
@@ -36,10 +36,8 @@ def main(argv=None) -> int:
         net = build_denoiser(config)
         net.load_state_dict(state)  # strict: every official tensor has its place
     except (OfficialFormatError, RuntimeError) as e:
-        with open(args.source, "rb") as f:
-            ours = f.read(4) == b"PK\x03\x04"  # torch.save's zip: most likely an fdm_fast snapshot
         hint = ("; an fdm_fast snapshot needs no conversion: generate --network and fid calc --network take it as "
-                "it is") if ours else ""
+                "it is") if is_zip_archive(args.source) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     why = cannot_write_in(args.outdir)

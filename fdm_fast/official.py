@@ -101,14 +101,19 @@ class _Unpickler(pickle.Unpickler):
         raise OfficialFormatError(f"refused a persistent id {pid!r}: not used by official snapshots")
 
 
+def is_zip_archive(path) -> bool:
+    """Whether the file at ``path`` begins as a zip archive does: torch.save's format, which fdm_fast's own
+    snapshots use and no official EDM/FDM pickle does."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def load_official(path) -> dict:
     """The top-level dict of an official snapshot (``ema``, ``loss_fn``, ...), objects as Records."""
+    if is_zip_archive(path):
+        raise OfficialFormatError(f"{path}: a zip archive (torch.save's format, as fdm_fast's own snapshots "
+                                  "are), not an official EDM/FDM pickle")
     with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        if head == b"PK\x03\x04":  # torch.save's zip archive: what fdm_fast writes, not what EDM/FDM pickle
-            raise OfficialFormatError(f"{path}: a zip archive (torch.save's format, as fdm_fast's own snapshots "
-                                      "are), not an official EDM/FDM pickle")
         try:
             data = _Unpickler(f).load()
         except OfficialFormatError as e:
