@@ -52,11 +52,12 @@ def _generated_batches(network: str, num: int, batch: int, steps: int, device):
 
 def _made_with(folder: str):
     """The settings a folder of generate's images records (its generate.json), as one line, or None."""
-    import json
+    from .images import read_image_settings
 
     try:
-        with open(os.path.join(folder, "generate.json")) as f:
-            settings = json.load(f)["settings"]
+        settings = read_image_settings(folder)
+        if settings is None:
+            return None
         return ", ".join(f"{k} {v[:12] + '...' if k.endswith('sha256') else v}" for k, v in settings.items()
                          if v is not None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -18,7 +18,6 @@ at which NFE): dpm++2m or ipndm at NFE 6-10, dpm++3m at NFE 5; heun needs about 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -32,7 +31,7 @@ from . import solvers
 from .sampling import GraphedSampler, edm_sampler, seed_labels
 from .schedules import time_steps
 from .distributed import eprint, init_distributed, shutdown_distributed
-from .images import save_grid
+from .images import SETTINGS_FILE, read_image_settings, save_grid, write_image_settings
 from .snapshots import (SnapshotError, cannot_write, cannot_write_in, load_snapshot, missing_folders,
                         remove_empty_folders, sha256_of)
 
@@ -281,7 +280,7 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
             eprint(f"error: {e}")
             return 2
     if settings and rank == 0:  # recorded once the run is past its checks (a refused one leaves no file)
-        _record_settings(args.outdir, settings)
+        write_image_settings(args.outdir, settings)
     graphed = None
     results = []
     for batch in tqdm(batches, unit="batch", disable=rank != 0, desc="generate"):
@@ -320,9 +319,6 @@ def _generate(args, seeds: list, fused_edm: bool) -> int:
     return 0
 
 
-SETTINGS_FILE = "generate.json"
-
-
 def image_settings(args) -> dict:
     """What decides an image besides its seed (not the batch size: images are batch-invariant, nor compile
     or backend, which change rounding only): the networks' SHA-256 and every sampling option."""
@@ -338,11 +334,10 @@ def _settings_refused(outdir: str, settings: dict) -> Optional[str]:
     """Why ``outdir`` may not take images of ``settings`` (its generate.json records others), or None (no
     record: a new folder, or one an older version wrote)."""
     path = os.path.join(outdir, SETTINGS_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as f:
-            old = json.load(f)["settings"]
+        old = read_image_settings(outdir)
+        if old is None:
+            return None
         diff = [k for k in settings if old.get(k) != settings[k]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"cannot read {path} ({type(e).__name__}: {e}); remove it to go on"
@@ -353,15 +348,6 @@ def _settings_refused(outdir: str, settings: dict) -> Optional[str]:
                                                                  f"{short(k, settings[k])} now" for k in diff)
             + f"; from {path}): use another --outdir or the settings that made them, or remove that file to "
             "write over them")
-
-
-def _record_settings(outdir: str, settings: dict) -> None:
-    """Write ``outdir``/generate.json (under a temporary name, then renamed)."""
-    path = os.path.join(outdir, SETTINGS_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(dict(settings=settings, written_by="python -m fdm_fast.generate"), f, indent=2)
-    os.replace(tmp, path)
 
 
 def png_path(outdir: str, seed: int) -> str:

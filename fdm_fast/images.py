@@ -1,9 +1,12 @@
-"""Image output shared by train and generate: sample grids as PNG."""
+"""Image output shared by train and generate: sample grids as PNG, and the record of what made a folder
+of generate's images (read by fid)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from typing import Optional
 
 import torch
 
@@ -29,4 +32,27 @@ def save_grid(images: torch.Tensor, path: str) -> None:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     tmp = path + ".tmp.png"
     im.save(tmp)
+    os.replace(tmp, path)
+
+
+SETTINGS_FILE = "generate.json"  # in a folder of generate's images: the settings that made them
+
+
+def read_image_settings(folder: str) -> Optional[dict]:
+    """The settings recorded in ``folder``'s generate.json, or None when it has none. An unreadable record
+    raises (OSError, ValueError, KeyError, TypeError); the caller decides what that means (and meets an
+    AttributeError when the record is not a mapping)."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["settings"]
+
+
+def write_image_settings(folder: str, settings: dict) -> None:
+    """Write ``folder``/generate.json (under a temporary name, then renamed)."""
+    path = os.path.join(folder, SETTINGS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(dict(settings=settings, written_by="python -m fdm_fast.generate"), f, indent=2)
     os.replace(tmp, path)
