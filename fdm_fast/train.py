@@ -331,13 +331,7 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
     dataset = open_dataset(o.ds, o.data, use_labels=o.cond, resolution=o.resolution)
     if o.cond and not dataset.label_dim:
         raise DatasetError(f"--cond: {o.data or o.ds} has no labels (dataset.json)")
-    batch_gpu_total = o.batch // world
-    if batch_gpu_total * world != o.batch:
-        raise SystemExit(f"error: --batch {o.batch} is not divisible by the {world} ranks")
-    batch_gpu = o.batch_gpu or batch_gpu_total
-    rounds = batch_gpu_total // batch_gpu
-    if rounds * batch_gpu != batch_gpu_total:
-        raise SystemExit(f"error: --batch-gpu {batch_gpu} does not divide the per-rank batch {batch_gpu_total}")
+    batch_gpu_total, batch_gpu, rounds = split_batch(o.batch, o.batch_gpu, world)
 
     network = dict(o.network)
     network["dropout"] = o.dropout
@@ -877,6 +871,20 @@ class _null:
         return False
 
 
+def split_batch(batch: int, batch_gpu: Optional[int], world: int) -> tuple[int, int, int]:
+    """(per-rank batch, per-round batch, rounds) of ``batch`` images per step over ``world`` ranks, each rank
+    in rounds of ``batch_gpu`` (None: one round); SystemExit naming the flag when they do not divide."""
+    batch_gpu_total = batch // world
+    if batch_gpu_total * world != batch:
+        raise SystemExit(f"error: --batch {batch} is not divisible by the {world} ranks")
+    batch_gpu = batch_gpu or batch_gpu_total
+    rounds = batch_gpu_total // batch_gpu
+    if rounds * batch_gpu != batch_gpu_total:
+        raise SystemExit(f"error: --batch-gpu {batch_gpu} does not divide the per-rank batch {batch_gpu_total}"
+                         f" (--batch {batch} over {world} rank{'s' if world > 1 else ''})")
+    return batch_gpu_total, batch_gpu, rounds
+
+
 def main(argv=None):
     args = parse_args(argv)  # argparse's own errors exit with status 2
     try:
@@ -895,6 +903,7 @@ def _main(args) -> int:
         ops.select_backend(device, o.backend)  # an unknown or unavailable backend: say so before any work
     except ValueError as e:
         raise SystemExit(f"error: --backend {o.backend}: {e}") from None
+    split_batch(o.batch, o.batch_gpu, world)  # a batch the ranks cannot split: refused by --dry-run too
     if rank == 0:
         print(json.dumps(dataclasses.asdict(o), indent=2, default=str))
     if args.dry_run:

@@ -182,14 +182,22 @@ def test_checkpoints_atomic_keep_k_and_snapshot_loads_weights_only(tmp_path):
 
 def test_missing_dataset_message_and_bad_options(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--ds", "ffhq", "--outdir", str(tmp_path), "--kimg", "1"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--ds", "ffhq", "--outdir", str(tmp_path),
+                        "--kimg", "1"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode != 0
     assert "datasets/ffhq-64x64.zip not found" in r.stderr and "fdm_fast.dataset_tool" in r.stderr
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--precond", "fdm_edm", "--precision", "fp16",
                         "--dry-run"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "fp16" in r.stderr and "bf16" in r.stderr
+
+
+def test_dry_run_refuses_a_batch_the_rounds_cannot_split(capsys):
+    from fdm_fast.train import main
+
+    assert main(["--batch", "7", "--batch-gpu", "3", "--dry-run"]) == 2
+    assert "--batch-gpu 3 does not divide the per-rank batch 7" in capsys.readouterr().err
+    assert main(["--batch", "64", "--batch-gpu", "16", "--dry-run"]) == 0
 
 
 def test_dry_run_prints_recipe_defaults():
@@ -326,7 +334,8 @@ def test_evaluation_during_training_changes_nothing_and_is_logged(tmp_path):
     metric = [r for r in recs if "metric" in r]
     assert [round(r["kimg"], 3) for r in metric] == [0.064, 0.128, 0.192]  # batch 32: every 2 steps
     for r in metric:
-        assert r["metric"] == "digits-fd" and r["nfe"] == 3 and r["num"] == 16 and math.isfinite(r["fd"]) and r["fd"] > 0
+        assert r["metric"] == "digits-fd" and r["nfe"] == 3 and r["num"] == 16
+        assert math.isfinite(r["fd"]) and r["fd"] > 0
         assert 0 <= r["precision"] <= 1 and 1 <= r["classes_seen"] <= 10
     assert all("loss" in r for r in recs if "metric" not in r)
     assert (tmp_path / "b" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
