@@ -2,13 +2,14 @@
 
 The loop follows EDM's training_loop (Adam with lr ramp-up, non-finite gradients zeroed, EMA with a
 half-life and ramp-up) on fdm_fast's fused ops: perturb -> SongUNet -> fused denoising loss, the FDM
-loss-weight warm-up driven by the optimizer step. Checkpoints are written atomically (temporary
-file, then rename), the last K kept, and ``--resume auto`` continues the newest one exactly: model,
-EMA, optimizer, step, data order, RNG and warm-up. Network snapshots (``network-snapshot-*.pt``)
-hold the EMA weights and the config, load with ``torch.load(weights_only=True)``, and come with a
-grid of samples (EDM Heun on the fused step ops); ``training.png`` plots the loss and img/s of every
-tick (``stats.jsonl``). Ctrl-C (SIGINT) or SIGTERM stops a run after the current step with a training
-state (exit status 128 + the signal); ``--resume auto`` continues it.
+loss-weight warm-up driven by the optimizer step. Checkpoints (every ``--ckpt`` kimg, and at least
+every ``--ckpt-minutes`` of training) are written atomically (temporary file, then rename), the last
+K kept, and ``--resume auto`` continues the newest one exactly: model, EMA, optimizer, step, data
+order, RNG and warm-up. Network snapshots (``network-snapshot-*.pt``) hold the EMA weights and the
+config, load with ``torch.load(weights_only=True)``, and come with a grid of samples (EDM Heun on the
+fused step ops); ``training.png`` plots the loss and img/s of every tick (``stats.jsonl``). Ctrl-C
+(SIGINT) or SIGTERM stops a run after the current step with a training state (exit status 128 + the
+signal); ``--resume auto`` continues it.
 
 Several GPUs or nodes: ``torchrun --nproc_per_node=N -m fdm_fast.train ...`` (DDP; NCCL on GPUs,
 gloo on CPUs); each rank draws its own data shard and noise, rank 0 logs and writes files.
@@ -20,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -108,6 +110,7 @@ class Options:
     inception: Optional[str] = None
     ref: Optional[str] = None
     cond_drop: float = 0.0
+    ckpt_minutes: float = 30.0  # 0: training checkpoints by --ckpt kimg only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--snap", type=float, default=None,
       help="kimg between network snapshots + sample grids (default: 10%% of the run)")
     a("--ckpt", type=float, default=None, help="kimg between training checkpoints (default: = --snap)")
+    a("--ckpt-minutes", type=float, default=30.0, metavar="M",
+      help="also write a training checkpoint when M minutes have passed since the last one, so a crash or "
+           "a killed job loses at most M minutes of training whatever --ckpt is (default 30; 0: off)")
     a("--keep", type=int, default=3, help="training checkpoints to keep (default 3)")
     a("--grid", type=int, default=64, help="images in each snapshot's sample grid (default 64)")
     a("--grid-steps", type=int, default=18, help="Heun steps for the sample grid (default 18)")
@@ -238,6 +244,7 @@ def resolve(args: argparse.Namespace) -> Options:
             ("--tick", args.tick, lambda v: v > 0, "a positive number of kimg"),
             ("--snap", args.snap, lambda v: v > 0, "a positive number of kimg"),
             ("--ckpt", args.ckpt, lambda v: v > 0, "a positive number of kimg"),
+            ("--ckpt-minutes", args.ckpt_minutes, lambda v: 0 <= v < math.inf, "minutes >= 0 (0: off)"),
             ("--keep", args.keep, lambda v: v >= 1, "at least 1 checkpoint"),
             ("--grid", args.grid, lambda v: v >= 1, "at least 1 image"),
             ("--grid-steps", args.grid_steps, lambda v: v >= 1, "at least 1 step"),
@@ -284,7 +291,8 @@ def resolve(args: argparse.Namespace) -> Options:
         channel_mult=channel_mult, network=network, exact_reduce=args.exact_reduce,
         data_on_device=args.data_on_device, metric=args.metric,
         metric_every=(args.metric_every or snap) if args.metric else None, metric_num=args.metric_num,
-        metric_steps=args.metric_steps, inception=args.inception, ref=args.ref, cond_drop=args.cond_drop)
+        metric_steps=args.metric_steps, inception=args.inception, ref=args.ref, cond_drop=args.cond_drop,
+        ckpt_minutes=args.ckpt_minutes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -788,6 +796,9 @@ def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, st
     next_tick = run.cur_nimg + o.tick * 1000
     next_snap = run.cur_nimg + o.snap * 1000 if resumed else o.snap * 1000
     next_ckpt = run.cur_nimg + o.ckpt * 1000
+    # rank 0 alone writes checkpoints, so a clock of its own decides the timed ones (no agreement needed)
+    ckpt_every_s = o.ckpt_minutes * 60 if o.ckpt_minutes else math.inf
+    ckpt_due = time.monotonic() + ckpt_every_s
     evaluator, next_metric = None, None
     if o.metric and rank == 0:
         evaluator = SampleEvaluator(o.metric, num=o.metric_num, steps=o.metric_steps, device=device,
@@ -845,9 +856,11 @@ def _training_loop(o: Options, *, rank: int, world: int, device, quiet: bool, st
                 f"({rec['seconds']:.1f} s)")
             while next_metric <= cur_nimg:
                 next_metric += o.metric_every * 1000
-        if rank == 0 and (cur_nimg >= next_ckpt or done or stop):
+        if rank == 0 and (cur_nimg >= next_ckpt or done or stop or time.monotonic() >= ckpt_due):
             ckpt_path = write_checkpoint(run)
-            next_ckpt += o.ckpt * 1000
+            if cur_nimg >= next_ckpt:
+                next_ckpt += o.ckpt * 1000
+            ckpt_due = time.monotonic() + ckpt_every_s
         if stop:
             break
     if bar is not None:

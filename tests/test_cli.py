@@ -60,6 +60,8 @@ TRAIN_ROWS = [
     (["--resolution", "3"], "--resolution: expected a multiple of 4"),
     (["--resolution", "0"], "--resolution: expected a multiple of 4"),
     (["--keep", "0"], "--keep: expected at least 1"),
+    (["--ckpt-minutes", "-1"], "--ckpt-minutes: expected minutes >= 0"),
+    (["--ckpt-minutes", "inf"], "--ckpt-minutes: expected minutes >= 0"),
     (["--grid", "0"], "--grid: expected at least 1 image"),
     (["--grid-steps", "0"], "--grid-steps: expected at least 1 step"),
     (["--dropout", "1.5"], "--dropout: expected a probability in [0, 1)"),

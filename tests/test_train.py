@@ -180,6 +180,27 @@ def test_checkpoints_atomic_keep_k_and_snapshot_loads_weights_only(tmp_path):
     torch.load(states[-1], weights_only=True)
 
 
+def test_checkpoints_every_ckpt_minutes_whatever_ckpt_is(tmp_path, monkeypatch):
+    import fdm_fast.train as train
+
+    clock = [0.0]  # rank 0's monotonic clock, advanced 7 minutes per training step
+    real_step = train.train_step
+
+    def slow_step(run):
+        clock[0] += 7 * 60
+        return real_step(run)
+
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(train, "train_step", slow_step)
+    # --ckpt far beyond the run: only the clock (every 3 steps of 7 minutes, 20 minutes) and the end write
+    training_loop(tiny_options(tmp_path / "a", "--kimg", "100", "--ckpt", "50", "--keep", "10",
+                               "--ckpt-minutes", "20"), quiet=True, stop_after_steps=7)
+    assert [int(p.name[15:23]) for p in sorted((tmp_path / "a").glob("training-state-*.pt"))] == [3, 6, 7]
+    training_loop(tiny_options(tmp_path / "b", "--kimg", "100", "--ckpt", "50", "--keep", "10",
+                               "--ckpt-minutes", "0"), quiet=True, stop_after_steps=7)
+    assert [int(p.name[15:23]) for p in sorted((tmp_path / "b").glob("training-state-*.pt"))] == [7]
+
+
 def test_missing_dataset_message_and_bad_options(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     r = subprocess.run([sys.executable, "-m", "fdm_fast.train", "--ds", "ffhq", "--outdir", str(tmp_path),
