@@ -530,8 +530,9 @@ def train_step(run: Run) -> torch.Tensor:
     run.opt.zero_grad(set_to_none=True)
     clamp = fdm_clamp(net, run.step, o.warmup_ite)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    # this rank's slice of the step's global batch (data/order.py); a sample's key is its global position
-    first = run.step * o.batch + run.rank * run.batch_gpu_total
+    # this rank's slice of the step's global batch (data/order.py); a sample's key is its global position,
+    # counted in images seen (not step x batch: a run resumed with another --batch would repeat samples)
+    first = run.cur_nimg + run.rank * run.batch_gpu_total
     for r in range(run.rounds):
         start = first + r * run.batch_gpu
         idx = run.order.indices(start, run.batch_gpu)

@@ -166,6 +166,21 @@ def test_resume_is_exact(tmp_path, augment):
         assert torch.equal(p, q)
 
 
+def test_resume_with_another_batch_continues_with_new_samples(tmp_path, monkeypatch):
+    """A sample's position keys its image, sigma, flip, augmentation and noise: a run resumed with another
+    --batch must go on from the images it has seen, not from step x the new batch (which trained again
+    on exactly the samples, noise included, of earlier steps)."""
+    import fdm_fast.train as train
+
+    keys, real = [], train.sample_uniforms
+    monkeypatch.setattr(train, "sample_uniforms", lambda seed, k, n: keys.append(k.clone()) or real(seed, k, n))
+    training_loop(tiny_options(tmp_path, "--kimg", "100"), quiet=True, stop_after_steps=4)  # batch 32
+    res = training_loop(tiny_options(tmp_path, "--kimg", "100", "--batch", "16", "--resume", "auto"), quiet=True,
+                        stop_after_steps=4)
+    assert (res["step"], res["cur_nimg"]) == (8, 4 * 32 + 4 * 16)
+    assert torch.equal(torch.cat(keys), torch.arange(4 * 32 + 4 * 16))  # every position once, in order
+
+
 def test_checkpoints_atomic_keep_k_and_snapshot_loads_weights_only(tmp_path):
     training_loop(tiny_options(tmp_path, "--kimg", "0.64", "--ckpt", "0.064", "--snap", "0.32", "--keep", "2"),
                   quiet=True)
