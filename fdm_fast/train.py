@@ -42,7 +42,7 @@ from .images import save_grid
 from .metrics import MetricError
 from .metrics.evaluate import METRICS, SampleEvaluator, check_metric
 from .plots import line_plot, read_metric_records, read_tick_records, subplots
-from .nn import build_denoiser, count_parameters
+from .nn import build_denoiser, count_parameters, network_settings
 from .sampling import edm_sampler, seed_labels
 from .schedules import PRECONDS
 from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
@@ -111,6 +111,7 @@ class Options:
     ref: Optional[str] = None
     cond_drop: float = 0.0
     ckpt_minutes: float = 30.0  # 0: training checkpoints by --ckpt kimg only
+    transfer: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,6 +169,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on Ampere+ GPUs (default on)")
     a("--seed", type=int, default=0, help="random seed (default 0)")
     a("--resume", default=None, help="'auto' (newest checkpoint in --outdir, if any) or a checkpoint path")
+    a("--transfer", default=None, metavar="SNAP",
+      help="start from the weights of a network snapshot (any format generate --network takes: an fdm_fast "
+           ".pt, an official EDM/FDM .pkl, a converted .safetensors) of the same architecture, as EDM's "
+           "--transfer: network and EMA take its EMA weights, the optimizer and the step start anew; the "
+           "preconditioning may differ (e.g. FDM-EDM from an EDM snapshot). A checkpoint to resume wins")
     a("--tick", type=float, default=None, help="kimg between progress/stat lines (default: about 1%% of the run)")
     a("--snap", type=float, default=None,
       help="kimg between network snapshots + sample grids (default: 10%% of the run)")
@@ -230,6 +236,8 @@ def resolve(args: argparse.Namespace) -> Options:
         raise SystemExit(f"error: --cond-drop: expected a probability in [0, 1), got {args.cond_drop}")
     if args.cond_drop and not args.cond:
         raise SystemExit("error: --cond-drop: label dropout needs a class-conditional network (--cond)")
+    if args.transfer is not None and not os.path.isfile(args.transfer):
+        raise SystemExit(f"error: --transfer {args.transfer}: no such file")
     if args.fdm_multiplier is not None and not args.precond.startswith("fdm_"):
         raise SystemExit(f"error: --fdm-multiplier applies to the fdm_* preconditionings, got --precond {args.precond}")
     for flag, v, ok, what in (
@@ -292,7 +300,7 @@ def resolve(args: argparse.Namespace) -> Options:
         data_on_device=args.data_on_device, metric=args.metric,
         metric_every=(args.metric_every or snap) if args.metric else None, metric_num=args.metric_num,
         metric_steps=args.metric_steps, inception=args.inception, ref=args.ref, cond_drop=args.cond_drop,
-        ckpt_minutes=args.ckpt_minutes)
+        ckpt_minutes=args.ckpt_minutes, transfer=args.transfer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +405,10 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
         log(f"resumed from {resume} at step {step} ({cur_nimg / 1000:.1f} kimg)")
         if rank == 0:
             _truncate_stats(os.path.join(o.outdir, "stats.jsonl"), step)
+        if o.transfer:
+            log(f"--transfer {o.transfer}: not applied, the run resumes its own checkpoint")
+    elif o.transfer:
+        transfer_weights(o.transfer, net, ema, log)
     if len(dataset) < 1:
         raise DatasetError(f"{o.data or o.ds}: the dataset has no images")
     if o.metric:  # before any training: a metric that cannot score this data is an error now
@@ -449,6 +461,38 @@ def _truncate_stats(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def transfer_weights(path: str, net, ema, log=print) -> None:
+    """Copy a snapshot's EMA weights into ``net`` and ``ema`` (their own layouts kept), as EDM's --transfer;
+    SystemExit naming --transfer when the file does not load or its tensors differ in name or shape."""
+    try:
+        src = load_snapshot(path)
+    except SnapshotError as e:
+        raise SystemExit(f"error: --transfer {e}") from None
+    ours, theirs = net.state_dict(), src.state_dict()
+    bad = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape] + [k for k in theirs
+                                                                                      if k not in ours]
+    if bad:
+        diff = "\n".join(f"  {k}: {a!r} in the snapshot, {b!r} in this run" for k, a, b in config_differences(
+            _shape_config(src.config), _shape_config(net.config)))
+        raise SystemExit(f"error: --transfer {path}: its network does not fit this run's ({len(bad)} of "
+                         f"{len(ours)} tensors differ in name or shape, e.g. {', '.join(bad[:3])})"
+                         + (f"; the configs differ in:\n{diff}" if diff else ""))
+    net.load_state_dict(theirs)
+    ema.load_state_dict(theirs)
+    log(f"weights from {path} (the EMA of a {src.precond.name} {src.config.get('arch')} network); "
+        "optimizer and step start anew")
+
+
+def _shape_config(config: dict) -> dict:
+    """The parts of a config that decide the network's tensors (not its dropouts, its attention kernel or the
+    preconditioning)."""
+    c = normalise_config({k: config.get(k, 0) for k in ("arch", "img_resolution", "img_channels", "label_dim",
+                                                        "augment_dim")})  # label_dim, augment_dim: 0 if absent
+    network = normalise_config(network_settings(config.get("arch"), config.get("network") or {}))
+    c["network"] = {k: v for k, v in network.items() if k not in ("dropout", "label_dropout", "attention")}
+    return c
 
 
 def config_differences(a: dict, b: dict, prefix: str = ""):

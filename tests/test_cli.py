@@ -62,6 +62,7 @@ TRAIN_ROWS = [
     (["--keep", "0"], "--keep: expected at least 1"),
     (["--ckpt-minutes", "-1"], "--ckpt-minutes: expected minutes >= 0"),
     (["--ckpt-minutes", "inf"], "--ckpt-minutes: expected minutes >= 0"),
+    (["--transfer", "nope.pt"], "--transfer nope.pt: no such file"),
     (["--grid", "0"], "--grid: expected at least 1 image"),
     (["--grid-steps", "0"], "--grid-steps: expected at least 1 step"),
     (["--dropout", "1.5"], "--dropout: expected a probability in [0, 1)"),

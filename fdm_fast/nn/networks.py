@@ -450,8 +450,22 @@ def song_unet(arch: str, img_resolution: int, img_channels: int = 3, label_dim: 
                     label_dim=label_dim, augment_dim=augment_dim, **kw)
 
 
+def network_settings(arch: str, network: dict) -> dict:
+    """Every constructor setting of ``arch``'s network given the ``network`` overrides a config holds: the
+    class's defaults, then the arch's, then the overrides. Configs that spell out defaults and configs that
+    leave them out compare equal this way (an official snapshot's config lists all of them)."""
+    import inspect
+
+    cls, preset = (DhariwalUNet, ADM) if arch == "adm" else (SongUNet, ARCHS.get(arch, {}))
+    given = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim")  # set apart in a config
+    base = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in given}
+    return base | dict(preset) | dict(network)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["SongUNet", "song_unet", "DhariwalUNet", "adm_unet", "ARCHS", "count_parameters", "Optional"]
+__all__ = ["SongUNet", "song_unet", "DhariwalUNet", "adm_unet", "ARCHS", "count_parameters", "network_settings",
+           "Optional"]
