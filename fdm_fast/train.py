@@ -403,6 +403,9 @@ def setup(o: Options, *, rank: int = 0, world: int = 1, device=torch.device("cpu
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         log(f"resumed from {resume} at step {step} ({cur_nimg / 1000:.1f} kimg)")
+        if state.get("batch", o.batch) != o.batch:  # allowed: the run goes on from the images seen
+            log(f"--batch {o.batch}: the checkpoint was trained with --batch {state['batch']}; the EMA half-life, "
+                "learning-rate ramp-up and data order go on by images seen, the FDM warm-up by optimizer steps")
         if rank == 0:
             _truncate_stats(os.path.join(o.outdir, "stats.jsonl"), step)
         if o.transfer:
@@ -678,7 +681,7 @@ def write_checkpoint(run: Run) -> str:
     o, device = run.o, run.device
     path = os.path.join(o.outdir, f"training-state-{run.step:08d}.pt")
     atomic_save(dict(net=run.net.state_dict(), ema=run.ema.state_dict(), opt=run.opt.state_dict(), step=run.step,
-                     cur_nimg=run.cur_nimg, torch_rng=torch.get_rng_state(),
+                     cur_nimg=run.cur_nimg, batch=o.batch, torch_rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      config=normalise_config(run.config)), path)
     for old in checkpoints(o.outdir)[:-o.keep]:

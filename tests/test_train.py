@@ -172,10 +172,14 @@ def test_resume_with_another_batch_continues_with_new_samples(tmp_path, monkeypa
     --batch must go on from the images it has seen, not from step x the new batch (which trained again
     on exactly the samples, noise included, of earlier steps)."""
     import fdm_fast.train as train
+    from fdm_fast.train import setup
 
     keys, real = [], train.sample_uniforms
     monkeypatch.setattr(train, "sample_uniforms", lambda seed, k, n: keys.append(k.clone()) or real(seed, k, n))
     training_loop(tiny_options(tmp_path, "--kimg", "100"), quiet=True, stop_after_steps=4)  # batch 32
+    said = []
+    setup(tiny_options(tmp_path, "--kimg", "100", "--batch", "16", "--resume", "auto"), log=said.append)
+    assert any("the checkpoint was trained with --batch 32" in m for m in said)
     res = training_loop(tiny_options(tmp_path, "--kimg", "100", "--batch", "16", "--resume", "auto"), quiet=True,
                         stop_after_steps=4)
     assert (res["step"], res["cur_nimg"]) == (8, 4 * 32 + 4 * 16)
