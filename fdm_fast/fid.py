@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     c = sub.add_parser("calc", help="FID of images (a folder / zip, or generated on the fly) against a reference")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", help="folder or zip of generated images")
-    g.add_argument("--network", help="a snapshot to sample from (.pt of fdm_fast.train, official .pkl, .safetensors)")
+    g.add_argument("--network", help="a snapshot to sample from (.pt of fdm_fast.train, official .pkl, "
+                                     ".safetensors; a run folder: its newest snapshot)")
     c.add_argument("--ref", required=True, help="reference statistics .npz (from `ref`, or EDM's)")
     c.add_argument("--num", type=int, default=50000, help="images to generate with --network (default 50000)")
     c.add_argument("--steps", type=int, default=18, help="Heun steps with --network (default 18)")
@@ -89,8 +90,17 @@ def main(argv=None) -> int:
             print(f"error: --{flag}: expected a positive integer, got {v}", file=sys.stderr)
             return 2
     try:
-        if args.cmd == "calc" and args.network and not os.path.isfile(args.network):
-            raise FIDError(f"--network {args.network}: no such file")
+        if args.cmd == "calc" and args.network:
+            from .snapshots import SnapshotError, network_file
+
+            try:  # a run folder stands for its newest snapshot
+                given, args.network = args.network, network_file(args.network)
+            except SnapshotError as e:
+                raise FIDError(f"--network {e}") from None
+            if not os.path.isfile(args.network):
+                raise FIDError(f"--network {given}: no such file")
+            if args.network != given:
+                print(f"--network {given}: its newest snapshot, {args.network}", flush=True)
         if args.cmd == "calc" and not os.path.isfile(args.ref):
             raise FIDError(f"--ref {args.ref}: no such file (make one with `python -m fdm_fast.fid ref`)")
         ref = load_ref(args.ref) if args.cmd == "calc" else None  # a bad file fails now, not after the features

@@ -33,7 +33,7 @@ from .schedules import time_steps
 from .distributed import eprint, init_distributed, shutdown_distributed
 from .images import SETTINGS_FILE, read_image_settings, save_grid, write_image_settings
 from .snapshots import (SnapshotError, cannot_write, cannot_write_in, load_snapshot, missing_folders,
-                        remove_empty_folders, sha256_of)
+                        network_file, remove_empty_folders, sha256_of)
 
 
 def parse_seeds(s: str) -> list:
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--network", required=True,
                     help="a network-snapshot-*.pt of fdm_fast.train, an official EDM/FDM network-snapshot-*.pkl "
-                         "(read without running its code) or a .safetensors of fdm_fast.convert")
+                         "(read without running its code) or a .safetensors of fdm_fast.convert; a run folder "
+                         "stands for its newest snapshot")
     ap.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-49999 or 1,5,7-9 (default 0-63)")
     ap.add_argument("--steps", type=int, default=18, help="solver steps N (heun: NFE = 2N - 1, others N; default 18)")
     ap.add_argument("--solver", default=None, choices=list(solvers.SOLVERS),
@@ -131,12 +132,20 @@ def main(argv=None) -> int:
                f"got --solver {args.solver} --schedule {args.schedule} --guidance {args.guidance}"
                + (" with --guide-network" if args.guide_network else "") + " (dpm++2m-sde is the stochastic solver)")
         return 2
-    if not os.path.isfile(args.network):
-        eprint(f"error: --network {args.network}: no such file")
-        return 2
-    if args.guide_network and not os.path.isfile(args.guide_network):
-        eprint(f"error: --guide-network {args.guide_network}: no such file")
-        return 2
+    for flag, attr in (("--network", "network"), ("--guide-network", "guide_network")):
+        given = getattr(args, attr)
+        if not given:
+            continue
+        try:  # a run folder stands for its newest snapshot, named here and recorded as that file
+            setattr(args, attr, network_file(given))
+        except SnapshotError as e:
+            eprint(f"error: {flag} {e}")
+            return 2
+        if not os.path.isfile(getattr(args, attr)):
+            eprint(f"error: {flag} {given}: no such file")
+            return 2
+        if getattr(args, attr) != given and os.environ.get("RANK", "0") == "0":
+            print(f"{flag} {given}: its newest snapshot, {getattr(args, attr)}", flush=True)
     for flag, v in (("--batch", args.batch), ("--steps", args.steps)):
         if v < 1:
             eprint(f"error: {flag}: expected a positive integer, got {v}")

@@ -242,14 +242,33 @@ def snapshot_name(cur_nimg: int, outdir: str = "", prefix: str = "network-snapsh
     return name
 
 
+SNAPSHOT_RE = re.compile(r"network-snapshot(?:-(\d{6})(?:-(\d{3}))?)?\.pt")
+
+
+def network_file(path: str) -> str:
+    """``path``, or where it is a folder, its snapshot: a training run's newest ``network-snapshot-*.pt`` by
+    the images in its name (``-000060.pt`` < ``-000060-512.pt`` < ``-000061.pt``), or the
+    ``network-snapshot.pt`` of a ``fdm_fast.convert`` folder. SnapshotError for a folder without one; any
+    other path is returned as it is (the loaders name what is wrong with it)."""
+    path = str(path)
+    if not os.path.isdir(path):
+        return path
+    found = [((int(m.group(1) or -1), int(m.group(2) or -1)), n) for n in os.listdir(path)
+             if (m := SNAPSHOT_RE.fullmatch(n))]
+    if not found:
+        raise SnapshotError(f"{path}: a folder without a network-snapshot-*.pt (give a snapshot file)")
+    return os.path.join(path, max(found)[1])
+
+
 def load_snapshot(path: str, device="cpu"):
     """The EMA network of a snapshot, built from its config. Reads fdm_fast snapshots (``.pt``: verified,
     weights_only=True), official EDM/FDM snapshots (``.pkl``: fdm_fast.official, no code from the file
     runs) and ``.safetensors`` weights with their config (``config.json`` beside them, or the file's
-    metadata), as ``python -m fdm_fast.convert`` writes them."""
+    metadata), as ``python -m fdm_fast.convert`` writes them. A folder stands for its newest snapshot
+    (``network_file``)."""
     from .nn import build_denoiser
 
-    path = str(path)
+    path = network_file(path)
     if path.endswith(".pkl"):
         from .official import OfficialFormatError, load_official_denoiser
 

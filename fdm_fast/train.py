@@ -46,7 +46,7 @@ from .nn import build_denoiser, count_parameters, network_settings
 from .sampling import edm_sampler, seed_labels
 from .schedules import PRECONDS
 from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
-                        load_state, missing_folders, newest_valid_checkpoint, normalise_config, remove,
+                        load_state, missing_folders, network_file, newest_valid_checkpoint, normalise_config, remove,
                         remove_empty_folders, remove_stale_temp_files, snapshot_name)
 
 # Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
@@ -171,7 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resume", default=None, help="'auto' (newest checkpoint in --outdir, if any) or a checkpoint path")
     a("--transfer", default=None, metavar="SNAP",
       help="start from the weights of a network snapshot (any format generate --network takes: an fdm_fast "
-           ".pt, an official EDM/FDM .pkl, a converted .safetensors) of the same architecture, as EDM's "
+           ".pt, an official EDM/FDM .pkl, a converted .safetensors, a run folder's newest) of the same "
+           "architecture, as EDM's "
            "--transfer: network and EMA take its EMA weights, the optimizer and the step start anew; the "
            "preconditioning may differ (e.g. FDM-EDM from an EDM snapshot). A checkpoint to resume wins")
     a("--tick", type=float, default=None, help="kimg between progress/stat lines (default: about 1%% of the run)")
@@ -236,8 +237,14 @@ def resolve(args: argparse.Namespace) -> Options:
         raise SystemExit(f"error: --cond-drop: expected a probability in [0, 1), got {args.cond_drop}")
     if args.cond_drop and not args.cond:
         raise SystemExit("error: --cond-drop: label dropout needs a class-conditional network (--cond)")
-    if args.transfer is not None and not os.path.isfile(args.transfer):
-        raise SystemExit(f"error: --transfer {args.transfer}: no such file")
+    if args.transfer is not None:
+        try:  # a run folder stands for its newest snapshot (options.json records the file)
+            transfer = network_file(args.transfer)
+        except SnapshotError as e:
+            raise SystemExit(f"error: --transfer {e}") from None
+        if not os.path.isfile(transfer):
+            raise SystemExit(f"error: --transfer {args.transfer}: no such file")
+        args.transfer = transfer
     if args.fdm_multiplier is not None and not args.precond.startswith("fdm_"):
         raise SystemExit(f"error: --fdm-multiplier applies to the fdm_* preconditionings, got --precond {args.precond}")
     for flag, v, ok, what in (

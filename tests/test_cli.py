@@ -184,6 +184,44 @@ def test_generate_grid_makes_its_folder(tmp_path, capsys):
     assert rc == 0 and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
 
 
+def test_a_run_folder_stands_for_its_newest_snapshot(tmp_path, capsys):
+    """--network / --guide-network / fid --network / train --transfer take a run folder: its newest
+    network-snapshot-*.pt by the images in the name, or a convert folder's network-snapshot.pt."""
+    import json
+
+    from fdm_fast.snapshots import SnapshotError, network_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("network-snapshot-000001.pt", "network-snapshot-000004.pt", "network-snapshot-000004-544.pt",
+                 "network-snapshot-000010.pt.sha256", "network-snapshot-000011.pkl", "training-state-00000999.pt",
+                 "network-snapshot.pt"):
+        (run / name).write_bytes(b"")
+    assert network_file(str(run)) == str(run / "network-snapshot-000004-544.pt")
+    assert network_file(str(run / "x.pt")) == str(run / "x.pt")  # a file path as it is, even a missing one
+    conv = tmp_path / "converted"
+    conv.mkdir()
+    (conv / "network-snapshot.pt").write_bytes(b"")
+    assert network_file(str(conv)) == str(conv / "network-snapshot.pt")
+    with pytest.raises(SnapshotError, match="a folder without a network-snapshot"):
+        network_file(str(tmp_path / "converted" / ".."))  # tmp_path: folders only
+    # generate: the newest snapshot is used, named, and recorded in generate.json by its checksum
+    tiny_snapshot(run / "network-snapshot-000004-544.pt")
+    rc, err = _run(generate, ["--network", str(run), "--seeds", "0-1", "--steps", "2", "--outdir",
+                              str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    from fdm_fast.snapshots import sha256_of
+
+    rec = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert rec["settings"]["network_sha256"] == sha256_of(str(run / "network-snapshot-000004-544.pt"))
+    rc, err = _run(generate, ["--network", str(conv / ".."), "--seeds", "0", "--grid", str(tmp_path / "g.png")],
+                   capsys)
+    assert rc == 2 and "--network" in err and "a folder without a network-snapshot-*.pt" in err
+    assert train.resolve(train.parse_args(["--transfer", str(run)])).transfer == network_file(str(run))
+    rc, err = _run(fid, ["calc", "--network", str(conv / ".."), "--ref", "x.npz"], capsys)
+    assert rc == 2 and "--network" in err and "a folder without a network-snapshot-*.pt" in err
+
+
 def test_generate_refused_with_the_network_leaves_no_new_folder(tmp_path, capsys):
     """Refusals that need the network come after --outdir's and --grid's folders are made (so that a bad
     folder is named before the network loads): those folders, and the parents made with them, go again."""
