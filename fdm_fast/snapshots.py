@@ -53,13 +53,26 @@ def write_checksum(path: str, data_path: Optional[str] = None) -> None:
     os.replace(f"{side}.tmp{os.getpid()}", side)
 
 
+class WriteError(SnapshotError):
+    """A run file that could not be written (a full disk, a quota): nothing under its name changed."""
+
+
 def atomic_save(obj, path: str) -> None:
-    """``torch.save(obj, path)`` with its checksum beside it, both renamed into place (module docstring)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    write_checksum(path, tmp)
+    """``torch.save(obj, path)`` with its checksum beside it, both renamed into place (module docstring).
+    WriteError when the bytes cannot be written (torch.save says so with an OSError or a RuntimeError):
+    the partial temporary files are removed, so a full disk is not left fuller, and ``path`` is as it was."""
+    tmp, side_tmp = f"{path}.tmp{os.getpid()}", f"{path}.sha256.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        write_checksum(path, tmp)
+    except (OSError, RuntimeError) as e:
+        for p in (tmp, side_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise WriteError(f"{path}: could not be written ({why})") from e
     os.replace(tmp, path)
 
 

@@ -47,7 +47,7 @@ from .sampling import edm_sampler, seed_labels
 from .schedules import PRECONDS
 from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
                         load_state, missing_folders, network_file, newest_valid_checkpoint, normalise_config, remove,
-                        remove_empty_folders, remove_stale_temp_files, snapshot_name)
+                        remove_empty_folders, remove_stale_temp_files, snapshot_name, WriteError)
 
 # Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
 # network for the embedded digits that trains to recognisable samples in minutes on a 2-core CPU.
@@ -983,6 +983,11 @@ def _main(args) -> int:
             raise SystemExit(f"error: --outdir {o.outdir}: {why}")
     try:
         result = training_loop(o, rank=rank, world=world, device=device)
+    except WriteError as e:  # a full disk, say: the run stops with its files as they were before the write
+        have = checkpoints(o.outdir)
+        eprint(f"error: {e}; " + (f"the newest checkpoint is {have[-1]}: make room, then run the same command with "
+                                  "--resume auto" if have else "no checkpoint was written yet"))
+        return 1
     except (DatasetError, SnapshotError, MetricError) as e:
         eprint(f"error: {e}")
         return 2

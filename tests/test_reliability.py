@@ -276,3 +276,37 @@ def test_resume_with_another_config_names_each_difference(tmp_path):
                      "  precond: 'fdm_edm' in the checkpoint, 'edm' in this run"], msg
     assert list(train.config_differences({"a": {"b": 1}}, {"a": {}, "c": [2]})) == [
         ("a.b", 1, "<absent>"), ("c", "<absent>", [2])]
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_resume_goes_on(tmp_path, monkeypatch, capsys):
+    """torch.save failing half-way (what a full disk or a quota gives): the run ends with a message naming
+    the newest checkpoint, exit status 1, no temporary file left, the earlier checkpoint intact."""
+    real_save = torch.save
+    writes = []
+
+    def full_disk(obj, f, *a, **k):
+        if "training-state" in str(f):
+            writes.append(f)
+            if len(writes) == 2:  # the second checkpoint: some bytes, then the error
+                with open(f, "wb") as out:
+                    out.write(b"PK\x03\x04" + b"\0" * 4096)
+                raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing "
+                                   "file data/3: file write failed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(snapshots.torch, "save", full_disk)
+    run = tmp_path / "run"
+    argv = ["--ds", "digits", "--resolution", "8", "--cbase", "16", "--cres", "1,2", "--batch", "32", "--precision",
+            "fp32", "--no-compile", "--kimg", "0.192", "--ckpt", "0.064", "--snap", "100", "--grid", "4",
+            "--grid-steps", "2", "--outdir", str(run)]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    first = str(run / "training-state-00000002.pt")
+    assert f"training-state-00000004.pt: could not be written (" in err and "file write failed" in err, err
+    assert f"the newest checkpoint is {first}: make room, then run the same command with --resume auto" in err, err
+    assert sorted(p.name for p in run.iterdir() if ".tmp" in p.name or "training-state" in p.name) == [
+        "training-state-00000002.pt", "training-state-00000002.pt.sha256"]
+    snapshots.verify(first)
+    monkeypatch.setattr(snapshots.torch, "save", real_save)
+    assert train.main(argv + ["--resume", "auto"]) == 0
+    assert "resumed from" in capsys.readouterr().out
