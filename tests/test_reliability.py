@@ -302,7 +302,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_goes_on(tmp_path, monkeypa
     assert train.main(argv) == 1
     err = capsys.readouterr().err
     first = str(run / "training-state-00000002.pt")
-    assert f"training-state-00000004.pt: could not be written (" in err and "file write failed" in err, err
+    assert "training-state-00000004.pt: could not be written (" in err and "file write failed" in err, err
     assert f"the newest checkpoint is {first}: make room, then run the same command with --resume auto" in err, err
     assert sorted(p.name for p in run.iterdir() if ".tmp" in p.name or "training-state" in p.name) == [
         "training-state-00000002.pt", "training-state-00000002.pt.sha256"]
