@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -995,7 +996,9 @@ def _main(args) -> int:
         shutdown_distributed()
         remove_empty_folders(made)  # a run refused before it wrote anything (a bad --data, say) leaves no folder
     if rank == 0 and not result["stopped_by"]:
-        print(f"done: checkpoints, snapshots and sample grids in {o.outdir}")
+        print(f"done: checkpoints, snapshots and sample grids in {o.outdir}\n"
+              f"sample its newest snapshot: python -m fdm_fast.generate --network {shlex.quote(o.outdir)} "
+              f"--seeds 0-63 --grid {shlex.quote(os.path.join(o.outdir, 'generated.png'))}")
     return exit_status(result)
 
 
