@@ -173,9 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--transfer", default=None, metavar="SNAP",
       help="start from the weights of a network snapshot (any format generate --network takes: an fdm_fast "
            ".pt, an official EDM/FDM .pkl, a converted .safetensors, a run folder's newest) of the same "
-           "architecture, as EDM's "
-           "--transfer: network and EMA take its EMA weights, the optimizer and the step start anew; the "
-           "preconditioning may differ (e.g. FDM-EDM from an EDM snapshot). A checkpoint to resume wins")
+           "architecture, as EDM's --transfer: network and EMA take its EMA weights, the optimizer and the step "
+           "start anew; the preconditioning may differ (e.g. FDM-EDM from an EDM snapshot). A checkpoint to "
+           "resume wins")
     a("--tick", type=float, default=None, help="kimg between progress/stat lines (default: about 1%% of the run)")
     a("--snap", type=float, default=None,
       help="kimg between network snapshots + sample grids (default: 10%% of the run)")
