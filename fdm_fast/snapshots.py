@@ -11,12 +11,15 @@ pickled code runs.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 import warnings
 from typing import Optional
 
@@ -74,6 +77,54 @@ def atomic_save(obj, path: str) -> None:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
         raise WriteError(f"{path}: could not be written ({why})") from e
     os.replace(tmp, path)
+
+
+class RunLocked(SnapshotError):
+    """A run folder another live process is training in."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str):
+    """Hold an advisory lock on a run folder (``flock`` on ``folder/.lock``, which names the holder) while
+    the block runs: a second run started in the same folder gets RunLocked before it touches anything,
+    instead of two runs interleaving their checkpoints. The kernel drops the lock when its process ends,
+    however it ends (SIGKILL, a lost node), so no stale lock can block a resume. Where the file system
+    has no flock (some network mounts) the run goes on unguarded, with a warning."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise RunLocked(f"{folder}: another run is training in this folder ({holder}); wait for it or stop it, "
+                            "or give another --outdir") from None
+        except OSError as e:
+            os.close(fd)
+            fd = None
+            warnings.warn(f"{folder}: cannot lock the run folder ({e.strerror}); a second run started in it "
+                          "would not be refused")
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, LOCK_NAME))
+            os.close(fd)  # releases the lock
 
 
 def _folder_refuses(folder: str) -> Optional[tuple]:

@@ -18,6 +18,7 @@ gloo on CPUs); each rank draws its own data shard and noise, rank 0 logs and wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -48,7 +49,7 @@ from .sampling import edm_sampler, seed_labels
 from .schedules import PRECONDS
 from .snapshots import (SnapshotError, atomic_save, cannot_write_in, checkpoints, load_snapshot,  # noqa: F401
                         load_state, missing_folders, network_file, newest_valid_checkpoint, normalise_config, remove,
-                        remove_empty_folders, remove_stale_temp_files, snapshot_name, WriteError)
+                        remove_empty_folders, remove_stale_temp_files, run_lock, snapshot_name, WriteError)
 
 # Per-dataset defaults: the official EDM/FDM recipes (CIFAR-10 32x32, FFHQ/AFHQv2 64x64), and a small
 # network for the embedded digits that trains to recognisable samples in minutes on a 2-core CPU.
@@ -822,8 +823,10 @@ def training_loop(o: Options, *, rank: int = 0, world: int = 1, device=torch.dev
                   stop_after_steps: Optional[int] = None) -> dict:
     """Train per ``o``; returns a summary dict. ``stop_after_steps`` ends early (tests). SIGINT / SIGTERM
     end the run after the current step with a training state (StopRequest); ``stopped_by`` in the
-    summary is then that signal (else None)."""
-    with StopRequest(_announce if rank == 0 else (lambda msg: None)) as stopper:
+    summary is then that signal (else None). Rank 0 holds ``o.outdir``'s run lock throughout: a second run
+    in the same folder is refused (RunLocked) before it changes anything there."""
+    lock = run_lock(o.outdir) if rank == 0 else contextlib.nullcontext()
+    with lock, StopRequest(_announce if rank == 0 else (lambda msg: None)) as stopper:
         return _training_loop(o, rank=rank, world=world, device=device, quiet=quiet,
                               stop_after_steps=stop_after_steps, stopper=stopper)
 

@@ -310,3 +310,41 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_goes_on(tmp_path, monkeypa
     monkeypatch.setattr(snapshots.torch, "save", real_save)
     assert train.main(argv + ["--resume", "auto"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_second_run_in_the_same_folder_is_refused_before_it_touches_anything(tmp_path, capsys):
+    """Two runs in one --outdir would interleave checkpoints and stats (and the second would delete the
+    first's in-flight temporary files as stale). The first holds the folder's lock; the second is refused;
+    a holder that is SIGKILLed holds nothing (the kernel drops flock locks with the process)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    in_flight = run / "training-state-00000002.pt.tmp99999"  # the first run's write, in progress
+    in_flight.write_bytes(b"x")
+    argv = ["--ds", "digits", "--resolution", "8", "--cbase", "16", "--cres", "1,2", "--batch", "32", "--precision",
+            "fp32", "--no-compile", "--kimg", "0.064", "--grid", "4", "--grid-steps", "2", "--outdir", str(run)]
+    with snapshots.run_lock(str(run)):
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {run}: another run is training in this folder (pid {os.getpid()} on " in err, err
+        assert in_flight.exists() and not list(run.glob("training-state-*.pt"))
+    in_flight.unlink()
+    assert train.main(argv) == 0 and list(run.glob("training-state-*.pt"))
+    assert not (run / snapshots.LOCK_NAME).exists()  # released and removed
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fdm_fast.snapshots import run_lock\n"
+                               "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n",
+                               str(run)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(snapshots.RunLocked, match=f"pid {holder.pid} on "):
+            with snapshots.run_lock(str(run)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with snapshots.run_lock(str(run)):  # the lock file is still there, its lock is not
+        assert (run / snapshots.LOCK_NAME).exists()
