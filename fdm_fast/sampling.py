@@ -187,11 +187,13 @@ class GraphedSampler:
         if (class_labels is None) != (self.labels is None):
             raise ValueError("class_labels: expected labels [batch, label_dim] for this conditional network"
                              if self.labels is not None else "class_labels: this network is unconditional")
+        if class_labels is not None and (tuple(class_labels.shape) != tuple(self.labels.shape)
+                                         or not class_labels.is_floating_point()):
+            raise ValueError(f"class_labels: expected a float tensor of shape {tuple(self.labels.shape)} (as the "
+                             f"eager samplers take), got {class_labels.dtype} {tuple(class_labels.shape)}")
+        # every check above, before anything is copied into the graph's buffers
         self.seeds.copy_(seeds.pin_memory() if seeds.device.type == "cpu" else seeds, non_blocking=True)
         if class_labels is not None:
-            if tuple(class_labels.shape) != tuple(self.labels.shape):
-                raise ValueError(f"class_labels: expected shape {tuple(self.labels.shape)}, "
-                                 f"got {tuple(class_labels.shape)}")
             self.labels.copy_(class_labels, non_blocking=True)
         self.graph.replay()
         return self.out.clone()

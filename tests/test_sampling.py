@@ -314,6 +314,24 @@ def test_the_graph_tests_network_makes_labels_and_guidance_matter():
             assert d.mean() > 1e-3 if live else d.max() < 1e-5, (live, d.mean(), d.max())
 
 
+def test_graphed_sampler_refuses_bad_seeds_and_labels_before_touching_its_buffers():
+    """GraphedSampler.__call__'s checks, on the CPU (capture needs a GPU, the checks do not): labels as the
+    eager samplers take them (a float [batch, label_dim] tensor; int labels were cast on the copy), the
+    captured batch size, and nothing copied into the static buffers before every check has passed."""
+    from fdm_fast.sampling import GraphedSampler
+
+    g = object.__new__(GraphedSampler)  # the state __init__ leaves, without a capture
+    g.batch, g.seeds, g.labels, g.graph = 4, torch.full((4,), -1), torch.full((4, 10), -1.0), None
+    for seeds, labels, message in ((range(4), None, "labels .* for this conditional network"),
+                                   (range(4), torch.eye(10, dtype=torch.long)[:4], "a float tensor of shape"),
+                                   (range(4), torch.eye(10)[:3], r"shape \(4, 10\)"),
+                                   (range(5), torch.eye(10)[:5], "captured for 4 images"),
+                                   ([0.5, 1, 2, 3], torch.eye(10)[:4], "integers")):
+        with pytest.raises(ValueError, match=message):
+            g(seeds, labels)
+        assert (g.seeds == -1).all() and (g.labels == -1).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
 @pytest.mark.parametrize("solver", solvers.SOLVERS)
 @pytest.mark.parametrize("guided", [False, True])
@@ -331,6 +349,8 @@ def test_cuda_graph_solvers_equal_eager(solver, guided):
         labels = torch.eye(10, device="cuda")[[(s + k) % 10 for s in seeds]]
         want = solvers.sample(net, list(seeds), class_labels=labels, **kw)
         torch.testing.assert_close(graphed(list(seeds), labels), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="a float tensor"):  # as solvers.sample refuses them
+        graphed(list(range(8)), labels.long())
 
 
 # A device named without its index ("cuda", "cpu:0") is not equal to what a tensor on it reports
