@@ -126,7 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, epilog="""examples:
   python -m fdm_fast.train --ds digits                               # embedded data, minutes on a CPU
   python -m fdm_fast.train --ds cifar10 --precond fdm_vp --dry-run   # print the resolved options
-  torchrun --nproc_per_node=8 -m fdm_fast.train --ds ffhq --precond fdm_edm --batch 256""")
+  torchrun --nproc_per_node=8 -m fdm_fast.train --ds ffhq --precond fdm_edm --batch 256
+  python -m fdm_fast.train --ds cifar10 --precond fdm_edm --transfer edm-cifar10-32x32-uncond-vp.pkl  # fine-tune""")
     a = ap.add_argument
     a("--ds", default="digits", help="cifar10, ffhq, afhqv2, digits (embedded, no download), synthetic (random "
                                      "images of --resolution, for benchmarks), or a dataset path (default: digits)")
