@@ -140,8 +140,11 @@ def speed(args, device):
     return rows
 
 
-def _steps_for(solver: str, nfe: int) -> int:
-    """The steps whose NFE is closest to ``nfe`` from below (heun: 2 steps - 1, the others: steps)."""
+def _steps_for(solver: str, nfe: int, afs: bool = False) -> int:
+    """The steps whose NFE is closest to ``nfe`` from below (heun: 2 steps - 1, the others: steps; the analytic
+    first step saves one)."""
+    if afs:
+        return max(2, (nfe + 2) // 2) if solver == "heun" else max(2, nfe + 1)
     return max(1, (nfe + 1) // 2) if solver == "heun" else nfe
 
 
@@ -153,13 +156,15 @@ def nfe_analytic(args):
     ref_comp = gmm.component(ref)
     m, cov = gmm.moments()
     for solver in args.solvers:
-        for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
-            x = solvers.sample(gmm, seeds, solver=solver, steps=steps, schedule=args.schedule, device="cpu").double()
+        for steps in sorted({_steps_for(solver, n, args.afs) for n in args.nfe}):
+            x = solvers.sample(gmm, seeds, solver=solver, steps=steps, schedule=args.schedule, device="cpu",
+                               afs=args.afs).double()
             flat = x.reshape(len(seeds), -1)
             # per-sample RMS error: the median and 90th percentile are not dominated by the few samples
             # that end near another component than the reference trajectory (counted apart)
             per = (x - ref).reshape(len(seeds), -1).pow(2).mean(1).sqrt()
-            rows.append(dict(kind="nfe", sampler=solver, schedule=args.schedule, nfe=solvers.nfe(solver, steps),
+            rows.append(dict(kind="nfe", sampler=solver + _AFS[args.afs], schedule=args.schedule,
+                             nfe=solvers.nfe(solver, steps, args.afs),
                              median_err=per.median().item(), p90_err=per.quantile(0.9).item(),
                              switched=int((gmm.component(x) != ref_comp).sum()),
                              rms_to_reference=(x - ref).pow(2).mean().sqrt().item(),
@@ -168,14 +173,17 @@ def nfe_analytic(args):
     return rows
 
 
-def _samples_uint8(net, solver, steps, num, batch, device, schedule="edm"):
+_AFS = {False: "", True: "+afs"}  # how a row names the analytic first step
+
+
+def _samples_uint8(net, solver, steps, num, batch, device, schedule="edm", afs=False):
     """Seeds 0..num-1 as uint8 images, a class-conditional network's with the labels every tool gives them
     (sampling.seed_labels: seed s draws class s mod label_dim), as fid calc --network samples them."""
     for i in range(0, num, batch):
         seeds = list(range(i, min(i + batch, num)))
         labels = seed_labels(seeds, getattr(net, "label_dim", 0), device)
         x = solvers.sample(net, seeds, solver=solver, steps=steps, schedule=schedule, class_labels=labels,
-                           device=device)
+                           device=device, afs=afs)
         yield (x.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -186,14 +194,14 @@ def nfe_digits_fd(args, net, device):
 
     rows, scorer = [], None
     for solver in args.solvers:
-        for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
-            ev = SampleEvaluator("digits-fd", num=args.fid_num, steps=steps, sampler=solver,
+        for steps in sorted({_steps_for(solver, n, args.afs) for n in args.nfe}):
+            ev = SampleEvaluator("digits-fd", num=args.fid_num, steps=steps, sampler=solver, afs=args.afs,
                                  schedule=args.schedule, batch=args.batch[0], device=device, scorer=scorer)
             scorer = ev.scorer
             r = ev(net)
             print(f"  {solver} NFE {r['nfe']}: FD {r['fd']:.2f} ({r['seconds']:.1f} s)", flush=True)
-            rows.append(dict(kind="fid", sampler=solver, schedule=args.schedule, nfe=r["nfe"], fid=r["fd"],
-                             images=args.fid_num))
+            rows.append(dict(kind="fid", sampler=solver + _AFS[args.afs], schedule=args.schedule, nfe=r["nfe"],
+                             fid=r["fd"], images=args.fid_num))
     return rows
 
 
@@ -206,11 +214,12 @@ def nfe_fid(args, net, device, extractor=None):
     extractor = extractor or load_inception(args.inception, device)
     rows = []
     for solver in args.solvers:
-        for steps in sorted({_steps_for(solver, n) for n in args.nfe}):
+        for steps in sorted({_steps_for(solver, n, args.afs) for n in args.nfe}):
             feats = features(extractor, _samples_uint8(net, solver, steps, args.fid_num, args.batch[0], device,
-                                                       args.schedule), device)
+                                                       args.schedule, args.afs), device)
             mu, sigma = statistics(feats)
-            rows.append(dict(kind="fid", sampler=solver, schedule=args.schedule, nfe=solvers.nfe(solver, steps),
+            rows.append(dict(kind="fid", sampler=solver + _AFS[args.afs], schedule=args.schedule,
+                             nfe=solvers.nfe(solver, steps, args.afs),
                              fid=frechet_distance(mu, sigma, ref_mu, ref_sigma), images=args.fid_num))
     return rows
 
@@ -281,6 +290,9 @@ def main(argv=None):
                     help="solvers of the NFE (and FID) study (default: all)")
     ap.add_argument("--schedule", default="edm", choices=list(solvers.SCHEDULES),
                     help="noise levels of the NFE (and FID) study (default edm)")
+    ap.add_argument("--afs", action="store_true",
+                    help="the NFE (and FID) study with the analytic first step (one network evaluation fewer at "
+                         "each solver's first level; rows named solver+afs, at the same NFE as without)")
     ap.add_argument("--metric", default="fid", choices=["fid", "digits-fd"],
                     help="the --network study's metric: FID (needs --ref and --inception) or, for a snapshot "
                          "trained on --ds digits, the digits classifier's FD (no download)")

@@ -60,10 +60,11 @@ ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12)
                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def nfe(solver: str, steps: int) -> int:
-    """Network evaluations per image (per branch with guidance) of ``solver`` with ``steps`` steps."""
+def nfe(solver: str, steps: int, afs: bool = False) -> int:
+    """Network evaluations per image (per branch with guidance) of ``solver`` with ``steps`` steps; ``afs``
+    (the analytic first step) saves one."""
     _check_solver(solver)
-    return 2 * steps - 1 if solver == "heun" else steps
+    return (2 * steps - 1 if solver == "heun" else steps) - bool(afs)
 
 
 def _check_solver(solver):
@@ -74,7 +75,8 @@ def _check_solver(solver):
 ORDERS = {"dpm++2m": (2,), "dpm++2m-sde": (2,), "dpm++3m": (2, 3), "ipndm": (1, 2, 3, 4), "unipc": (1, 2, 3)}
 
 
-def check_options(solver: str, steps: int, schedule: str = "edm", order: Optional[int] = None) -> None:
+def check_options(solver: str, steps: int, schedule: str = "edm", order: Optional[int] = None,
+                  afs: bool = False) -> None:
     """ValueError naming the option when ``sample`` would refuse these settings (checked before any work)."""
     _check_solver(solver)
     if schedule not in SCHEDULES:
@@ -83,6 +85,9 @@ def check_options(solver: str, steps: int, schedule: str = "edm", order: Optiona
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     if solver == "dpm3s" and steps < 2:
         raise ValueError(f"steps: dpm3s needs at least 2 (one solver step and the final denoising), got {steps}")
+    if afs and nfe(solver, steps) < 2:
+        raise ValueError(f"steps: the analytic first step leaves {solver} with {steps} step(s) no network "
+                         "evaluation; give more steps")
     if order is not None:
         allowed = ORDERS.get(solver, ())
         if order not in allowed:
@@ -122,11 +127,13 @@ def check_class_labels(denoiser, class_labels, B: int) -> None:
 class _Net:
     """The network side of a run: the main (and guiding) outputs F (and G) for a net input."""
 
-    def __init__(self, denoiser, guidance, guide, class_labels, B, device):
+    def __init__(self, denoiser, guidance, guide, class_labels, B, device, afs=False):
+        self.afs = bool(afs)  # the first evaluation is the analytic one (analytic_first_D), then the network
         if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
             raise ValueError(f"guidance: expected a finite number (1 = unguided), got {guidance!r}")
         self.net, self.w, self.guide, self.labels, self.B, self.device = denoiser, float(guidance), guide, \
             class_labels, B, device
+        self.precond = denoiser.precond
         self.mode = "none" if self.w == 1.0 and guide is None else ("auto" if guide is not None else "cfg")
         if self.mode == "cfg":
             if not getattr(denoiser, "label_dim", 0):
@@ -142,7 +149,12 @@ class _Net:
             if (guide.img_channels, guide.img_resolution) != (denoiser.img_channels, denoiser.img_resolution):
                 raise ValueError("guide: expected a network of the main network's image shape")
 
-    def __call__(self, net_in, s: float):
+    def __call__(self, net_in, s: float, x=None):
+        if self.afs:  # F with c_skip x + c_out F = the analytic D (both branches alike: guidance moves nothing)
+            self.afs = False
+            c_skip, c_out, _, _ = (float(v) for v in self.precond.coefficients(torch.tensor(s, dtype=torch.float64)))
+            F = ((analytic_first_D(self.precond, s) - c_skip) / c_out) * x
+            return F, (F if self.mode != "none" else None)
         sig = torch.full((self.B,), s, device=self.device)
         if self.mode == "cfg":  # both branches in one batched call
             both = self.net.raw(torch.cat([net_in, net_in]), torch.cat([sig, sig]), self.cat_labels)
@@ -158,6 +170,17 @@ class _Net:
         if self.mode == "none":
             return dict(c_skip=c_skip, c_out=c_out)
         return dict(c_skip=c_skip, c_out=self.w * c_out, w_G=(1 - self.w) * c_out)
+
+
+def analytic_first_D(p, s: float) -> float:
+    """AFS (the analytic first step, as zju-pi/diff-sampler's solvers offer it): at the first, highest noise
+    level the denoiser is taken as the posterior mean of zero-mean Gaussian data of the preconditioning's
+    sigma_data (0.5, EDM's, where it has none), D = k x with k = sigma_data^2 / (sigma_data^2 + s^2), in
+    place of a network evaluation (one NFE less). At sigma 80 the image is almost all noise and k is
+    4e-5; diff-sampler's own formula, D = x (1 - s / sqrt(1 + s^2)), is the same idea for unit-variance
+    data. For N(0, sigma_data^2) data this D is exact (tests/test_solvers.py)."""
+    sd = float(getattr(p, "sigma_data", 0.5))
+    return sd * sd / (sd * sd + s * s)
 
 
 def _c_in(p, s: float) -> float:
@@ -212,16 +235,18 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
            order: Optional[int] = None, guidance: float = 1.0, guide=None,
            class_labels: Optional[torch.Tensor] = None, net_dtype: torch.dtype = torch.float32, device=None,
            backend: Optional[str] = None, num_steps: Optional[int] = None,
-           state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           state_dtype: torch.dtype = torch.float32, afs: bool = False) -> torch.Tensor:
     """Images [len(seeds), C, H, W] (float32) from ``denoiser`` with ``solver`` over ``steps`` steps of
     ``schedule`` (see the module doc). ``order``: the multistep order (dpm++: 2 or 3 by name; ipndm 1-4,
     default 4; unipc 1-3, default 3). ``guidance`` / ``guide``: classifier-free guidance or
     autoguidance. ``backend`` picks ops.multistep's backend (default: triton, then cuda, on CUDA; cpu on CPU).
     Initial noise: the contract's at (seed, 0), as edm_sampler's, so every solver starts from the
     same latents for the same seeds. ``state_dtype=torch.float64`` (with ``backend="torch"`` and
-    ``net_dtype=torch.float64``) runs the same steps in float64: a reference, not a fast path."""
+    ``net_dtype=torch.float64``) runs the same steps in float64: a reference, not a fast path.
+    ``afs=True``: the analytic first step (``analytic_first_D``) in place of the first network evaluation,
+    so NFE is ``nfe(solver, steps, afs=True)``, one less."""
     steps = num_steps if num_steps is not None else steps  # GraphedSampler passes num_steps
-    check_options(solver, steps, schedule, order)
+    check_options(solver, steps, schedule, order, afs)
     if device is None:  # the network's device (a parameterless denoiser: the CPU)
         device = next((q.device for q in denoiser.parameters()), torch.device("cpu"))
     device = ops.canonical_device(device)
@@ -235,7 +260,7 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
     n_levels = len(dpm3s_orders(steps - 1)) + 1 if solver == "dpm3s" else steps
     t = [float(v) for v in time_steps(n_levels, schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                       precond=p)]
-    net = _Net(denoiser, guidance, guide, class_labels, B, device)
+    net = _Net(denoiser, guidance, guide, class_labels, B, device, afs=afs)
     kw = dict(net_dtype=net_dtype, backend=backend)
     if state_dtype not in (torch.float32, torch.float64) or (state_dtype == torch.float64 and backend != "torch"):
         raise ValueError(f"state_dtype: expected torch.float32, or torch.float64 with backend='torch', "
@@ -253,7 +278,7 @@ def sample(denoiser, seeds: Union[Sequence[int], torch.Tensor], *, solver: str =
 
 def _step(net, p, x, net_in, s, **kw):
     """ops.multistep with this step's network output(s) and D coefficients at sigma = s."""
-    F, G = net(net_in, s)
+    F, G = net(net_in, s, x)
     return ops.multistep(x, F, G=G, **net.d_kw(p, s), **kw)
 
 
@@ -351,7 +376,7 @@ def _unipc(x, net_in, t, p, net, order, kw):
     prev = None  # (h, rks, order) of the step that produced x
     for i in range(len(t) - 1):
         s, sn = t[i], t[i + 1]
-        F, G = net(net_in, s)
+        F, G = net(net_in, s, x)
         dk = net.d_kw(p, s)
         # UniC: x_c = (s/s_prev) x_prev - expm1(-h) D_prev - B_h (sum rho_c D1s + rho_last (D - D_prev))
         if prev is not None:
@@ -416,7 +441,7 @@ def _dpm3s(x, net_in, outer, orders, p, net, kw):
 
     def ev(xk, net_in, sig, nxt, **k):
         """D at (xk, sig) into the update; also the net input for sigma ``nxt``."""
-        F, G = net(net_in, sig)
+        F, G = net(net_in, sig, xk)
         return ops.multistep(xk, F, G=G, **net.d_kw(p, sig), **k, c_in_next=_c_in(p, nxt), **kw)
 
     for k, order in enumerate(orders):

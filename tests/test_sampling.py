@@ -505,6 +505,7 @@ def test_generate_outdir_holds_images_of_one_set_of_settings(tmp_path, capsys):
                            (["--solver", "euler"], "solver: 'heun' there, 'euler' now"),
                            (["--precision", "bf16"], "precision: 'fp32' there, 'bf16' now"),
                            (["--S-churn", "1"], "S_churn: 0.0 there, 1.0 now"),
+                           (["--afs", "--steps", "3"], "afs: False there, True now"),
                            (["--network", str(other)], "network_sha256: ")]:
         assert main([*base, "--seeds", "0-5", "--skip-existing", *extra]) == 2, extra
         err = capsys.readouterr().err
@@ -519,3 +520,39 @@ def test_generate_outdir_holds_images_of_one_set_of_settings(tmp_path, capsys):
     (out / "generate.json").unlink()
     assert main([*base, "--steps", "3"]) == 0
     assert json.loads((out / "generate.json").read_text())["settings"]["steps"] == 3
+    # a record from before --afs existed (no "afs" key) holds images without it
+    rec = json.loads((out / "generate.json").read_text())
+    del rec["settings"]["afs"]
+    (out / "generate.json").write_text(json.dumps(rec))
+    assert main([*base, "--steps", "3", "--seeds", "0-6", "--skip-existing"]) == 0
+    assert main([*base, "--steps", "3", "--seeds", "0-7", "--skip-existing", "--afs"]) == 2
+    assert "afs: False there, True now" in capsys.readouterr().err
+
+
+def test_generate_afs_images_are_solvers_afs_images(tmp_path, capsys):
+    """generate --afs (any solver, Heun too, which then leaves EDM's fused sampler) draws what
+    solvers.sample(afs=True) draws, and says the NFE it spent."""
+    from PIL import Image
+
+    from fdm_fast.generate import main
+    from fdm_fast.snapshots import load_snapshot
+
+    snap = tiny_snapshot(tmp_path / "snap.pt")
+    data = torch.load(snap, weights_only=True)
+    g = torch.Generator().manual_seed(0)  # weights off the init, whose zero output convs make F = 0
+    data["ema"] = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                   for k, v in data["ema"].items()}
+    torch.save(data, snap)
+    net = load_snapshot(str(snap))
+    a, b = (solvers.sample(net, [0], solver="dpm++2m", steps=4, afs=afs) for afs in (False, True))
+    assert (a - b).abs().max() > 0.05  # so images drawn without --afs would not pass for these
+    for solver, steps, nfe in (("heun", 3, 4), ("dpm++2m", 4, 3)):
+        out = tmp_path / solver
+        assert main(["--network", str(snap), "--seeds", "0-2", "--steps", str(steps), "--solver", solver, "--afs",
+                     "--outdir", str(out)]) == 0
+        assert f"{solver}, edm schedule, {steps} steps, analytic first step, NFE {nfe})" in capsys.readouterr().out
+        want = solvers.sample(net, [0, 1, 2], solver=solver, steps=steps, afs=True)
+        want = (want.clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        for i in range(3):
+            got = torch.from_numpy(np.array(Image.open(out / "000000" / f"{i:06d}.png")))
+            assert torch.equal(got, want[i, 0]), (solver, i)

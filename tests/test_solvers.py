@@ -155,6 +155,39 @@ def test_nfe_is_what_nfe_says(solver):
     assert c.calls == solvers.nfe(solver, 7) and c.images == 6 * c.calls
 
 
+@pytest.mark.parametrize("precond", ["vp", "ve", "fdm_edm"])
+@pytest.mark.parametrize("solver", solvers.SOLVERS)
+def test_analytic_first_step_is_exact_for_gaussian_data_and_saves_one_nfe(solver, precond):
+    """AFS replaces the first network evaluation by D = k x, the posterior mean of N(0, sigma_data^2) data:
+    on exactly that data (the analytic denoiser) a run with AFS equals the run without, one NFE fewer;
+    with guidance too (both branches are the analytic D). For EDM-style preconditionings k is c_skip, so
+    the network output it stands for is zero; VP and VE make the replacement non-trivial."""
+    data = GaussianMixtureDenoiser(torch.zeros(1, 48, dtype=torch.float64), torch.tensor([0.5]), torch.ones(1),
+                                   (3, 4, 4), precond)
+    seeds = list(range(6))
+    plain, fast = Counting(data), Counting(data)
+    want = solvers.sample(plain, seeds, solver=solver, steps=6)
+    got = solvers.sample(fast, seeds, solver=solver, steps=6, afs=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    assert (plain.calls, fast.calls) == (solvers.nfe(solver, 6), solvers.nfe(solver, 6, afs=True))
+    assert fast.calls == plain.calls - 1
+    guide = Counting(data)  # autoguidance by the same data: D unchanged, both networks skip the first call
+    got = solvers.sample(Counting(data), seeds, solver=solver, steps=6, afs=True, guide=guide, guidance=2.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    assert guide.calls == solvers.nfe(solver, 6, afs=True)
+    if precond == "fdm_edm":  # on other data it is an approximation: another result (how good: benchmarks)
+        other = GaussianMixtureDenoiser.random(k=3, shape=(3, 4, 4), seed=2, precond=precond)
+        a = solvers.sample(other, seeds, solver=solver, steps=6)
+        assert not torch.allclose(a, solvers.sample(other, seeds, solver=solver, steps=6, afs=True))
+
+
+def test_analytic_first_step_needs_a_network_evaluation_left():
+    with pytest.raises(ValueError, match="analytic first step leaves euler with 1 step"):
+        solvers.check_options("euler", 1, afs=True)
+    solvers.check_options("euler", 2, afs=True)
+    solvers.check_options("heun", 2, afs=True)  # NFE 3 - 1
+
+
 def _euler_guided_float64(net, seeds, steps, w, labels, guide=None):
     """Euler with D = D_guide + w (D_main - D_guide), written out in float64."""
     p = net.precond

@@ -60,7 +60,7 @@ class SampleEvaluator:
 
     def __init__(self, name: str, *, num: int = 500, steps: int = 9, batch: int = 250, device="cpu",
                  inception: Optional[str] = None, ref: Optional[str] = None, sampler: str = "heun",
-                 scorer=None, log=lambda *a: None, schedule: str = "edm"):
+                 scorer=None, log=lambda *a: None, schedule: str = "edm", afs: bool = False):
         if name not in METRICS:
             raise MetricError(f"metric: expected one of {', '.join(METRICS)}, got {name!r}")
         if num < 2 or steps < 1 or batch < 1:
@@ -68,13 +68,17 @@ class SampleEvaluator:
         from .. import solvers
 
         self.name, self.num, self.steps, self.batch, self.sampler = name, num, steps, batch, sampler
-        self.schedule = schedule
+        self.schedule, self.afs = schedule, bool(afs)
         self.device = torch.device(device)
         self.primary = METRICS[name]
         if sampler not in ("dpm2m", *solvers.SOLVERS):
             raise MetricError(f"sampler: expected dpm2m or one of {', '.join(solvers.SOLVERS)}, got {sampler!r}")
         if schedule not in solvers.SCHEDULES:
             raise MetricError(f"schedule: expected one of {', '.join(solvers.SCHEDULES)}, got {schedule!r}")
+        try:
+            solvers.check_options({"dpm2m": "dpm++2m"}.get(sampler, sampler), steps, schedule, afs=self.afs)
+        except ValueError as e:
+            raise MetricError(str(e)) from None
         if name == "digits-fd":
             from .digits import DigitsMetrics
 
@@ -92,7 +96,7 @@ class SampleEvaluator:
     def nfe(self) -> int:
         from .. import solvers
 
-        return solvers.nfe({"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler), self.steps)
+        return solvers.nfe({"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler), self.steps, self.afs)
 
     @torch.no_grad()
     def samples(self, net) -> torch.Tensor:
@@ -104,9 +108,10 @@ class SampleEvaluator:
         for i in range(0, self.num, self.batch):
             seeds = list(range(i, min(i + self.batch, self.num)))
             labels = seed_labels(seeds, label_dim, self.device)
-            if self.sampler not in ("heun", "euler") or self.schedule != "edm":
+            if self.sampler not in ("heun", "euler") or self.schedule != "edm" or self.afs:
                 x = solvers.sample(net, seeds, solver={"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler),
-                                   steps=self.steps, schedule=self.schedule, class_labels=labels, device=self.device)
+                                   steps=self.steps, schedule=self.schedule, class_labels=labels, device=self.device,
+                                   afs=self.afs)
             else:
                 x = edm_sampler(net, seeds, num_steps=self.steps, class_labels=labels, device=self.device,
                                 heun=self.sampler == "heun")
@@ -134,4 +139,4 @@ class SampleEvaluator:
             net.train(was_training)
         values = {k: float(v) for k, v in values.items()}
         return dict(values, nfe=self.nfe, num=self.num, sampler=self.sampler, schedule=self.schedule,
-                    seconds=time.time() - t0)
+                    **({"afs": True} if self.afs else {}), seconds=time.time() - t0)
