@@ -9,10 +9,11 @@ finishes a run that was cut short.
 
 Solvers (``--solver``, ``--steps``, ``--schedule``; fdm_fast.solvers): heun (EDM's, NFE 2N - 1), euler,
 dpm++2m, dpm++3m, dpm++2m-sde, ipndm, unipc, dpm3s (the official FDM code's DPM-Solver; use it with
---schedule logsnr) (NFE N). Guidance: ``--guidance W`` with a class-conditional network is
+--schedule logsnr) (NFE N; ``--afs`` spends one fewer). Guidance: ``--guidance W`` with a class-conditional network is
 classifier-free guidance (train it with ``--cond --cond-drop P``); with ``--guide-network SNAP`` it is
 autoguidance by that weaker network. Few steps, as measured on the digits model (README: which solver
-at which NFE): dpm++2m or ipndm at NFE 6-10, dpm++3m at NFE 5; heun needs about NFE 19.
+at which NFE): dpm++2m or ipndm at NFE 6-10 (dpm++2m with --afs), dpm++3m at NFE 5; heun needs about
+NFE 19.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ image, ``nfe(solver, steps)``):
                                    last of order 2 or 1 (DPM-Solver's plan), to sigma_min, then D there:
                                    NFE = steps (>= 2); the official uses --schedule logsnr
 
+``afs=True`` (the analytic first step, ``analytic_first_D``) spends one NFE fewer with any solver.
+
 With guidance (``guidance=w``), each evaluation combines a main and a guiding network output,
 D = D_guide + w (D_main - D_guide): classifier-free guidance (the guide is the same network with the
 label dropped, zeros, evaluated in the same batched call) or autoguidance (Karras et al. 2024: the
