@@ -122,14 +122,16 @@ def test_every_sampler_runs_without_a_sync(monkeypatch, checks_off, sampler, kw)
     assert out.shape == (4, 1, 8, 8) and out.device == META
 
 
+@pytest.mark.parametrize("afs", [False, True])
 @pytest.mark.parametrize("solver", solvers.SOLVERS)
-def test_every_solver_runs_without_a_sync(monkeypatch, checks_off, solver):
+def test_every_solver_runs_without_a_sync(monkeypatch, checks_off, solver, afs):
     # the coefficients are host floats; each step is one ops.multistep call whose coefficient
-    # columns are filled on the device: nothing is read back or copied synchronously
+    # columns are filled on the device: nothing is read back or copied synchronously (the analytic
+    # first step's stand-in output too: a host number times x)
     net = _tiny_denoiser()
     seeds = torch.zeros(4, dtype=torch.int64, device=META)
     with no_sync_guard(monkeypatch):
-        out = solvers.sample(net, seeds, solver=solver, steps=5, device=META)
+        out = solvers.sample(net, seeds, solver=solver, steps=5, device=META, afs=afs)
     assert out.shape == (4, 1, 8, 8) and out.device == META
 
 
