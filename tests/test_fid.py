@@ -74,13 +74,18 @@ def test_sampler_speed_fid_study_pipeline(tmp_path):
     from fdm_fast import solvers
 
     args = argparse.Namespace(network=tmp_path / "snap.pt", ref=tmp_path / "ref.npz", inception=None, nfe=[3, 5],
-                              fid_num=24, batch=[12], solvers=list(solvers.SOLVERS), schedule="edm")
+                              fid_num=24, batch=[12], solvers=list(solvers.SOLVERS), schedule="edm", afs=False)
     from fdm_fast.snapshots import load_snapshot
 
     net = load_snapshot(str(args.network))
     rows = sampler_speed.nfe_fid(args, net, torch.device("cpu"), extractor=stand_in)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [(s, n) for s in solvers.SOLVERS for n in (3, 5)]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+    # --afs: rows named solver+afs, at the NFE asked for (heun's NFE is even with it: the nearest below)
+    args.afs, args.solvers = True, ["dpm++2m", "heun"]
+    rows = sampler_speed.nfe_fid(args, net, torch.device("cpu"), extractor=stand_in)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("dpm++2m+afs", 3), ("dpm++2m+afs", 5), ("heun+afs", 2),
+                                                        ("heun+afs", 4)]
     # a class-conditional network is sampled with the labels fid calc --network gives (seed s: class s mod
     # label_dim), not with none (EDM's zero label: the unconditional branch; it sampled that before)
     from fdm_fast.sampling import seed_labels
