@@ -68,6 +68,7 @@ class SampleEvaluator:
         from .. import solvers
 
         self.name, self.num, self.steps, self.batch, self.sampler = name, num, steps, batch, sampler
+        self.solver = {"dpm2m": "dpm++2m"}.get(sampler, sampler)  # the solvers' name for it
         self.schedule, self.afs = schedule, bool(afs)
         self.device = torch.device(device)
         self.primary = METRICS[name]
@@ -76,7 +77,7 @@ class SampleEvaluator:
         if schedule not in solvers.SCHEDULES:
             raise MetricError(f"schedule: expected one of {', '.join(solvers.SCHEDULES)}, got {schedule!r}")
         try:
-            solvers.check_options({"dpm2m": "dpm++2m"}.get(sampler, sampler), steps, schedule, afs=self.afs)
+            solvers.check_options(self.solver, steps, schedule, afs=self.afs)
         except ValueError as e:
             raise MetricError(str(e)) from None
         if name == "digits-fd":
@@ -96,7 +97,7 @@ class SampleEvaluator:
     def nfe(self) -> int:
         from .. import solvers
 
-        return solvers.nfe({"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler), self.steps, self.afs)
+        return solvers.nfe(self.solver, self.steps, self.afs)
 
     @torch.no_grad()
     def samples(self, net) -> torch.Tensor:
@@ -109,9 +110,8 @@ class SampleEvaluator:
             seeds = list(range(i, min(i + self.batch, self.num)))
             labels = seed_labels(seeds, label_dim, self.device)
             if self.sampler not in ("heun", "euler") or self.schedule != "edm" or self.afs:
-                x = solvers.sample(net, seeds, solver={"dpm2m": "dpm++2m"}.get(self.sampler, self.sampler),
-                                   steps=self.steps, schedule=self.schedule, class_labels=labels, device=self.device,
-                                   afs=self.afs)
+                x = solvers.sample(net, seeds, solver=self.solver, steps=self.steps, schedule=self.schedule,
+                                   class_labels=labels, device=self.device, afs=self.afs)
             else:
                 x = edm_sampler(net, seeds, num_steps=self.steps, class_labels=labels, device=self.device,
                                 heun=self.sampler == "heun")
