@@ -13,7 +13,9 @@ compilation, are reported apart):
   + fused ops              fdm_fast's perturb and loss (noise regenerated, one pass each way)
   + fused Adam, foreach EMA
   fdm_fast train_step      the step `python -m fdm_fast.train` runs (train.setup + train.train_step:
-                           all of the above, and the dataset kept in GPU memory when it fits)
+                           all of the above, and the dataset kept in GPU memory when it fits), in the
+                           precision train picks: bf16 where the device has bf16 kernels, else fp32 (an
+                           AVX2 CPU: its "+ bf16 autocast" rows run emulated bf16, many times slower)
 
 Each row has its own network, optimizer and EMA from the same initialisation. Presets: ffhq64 (64x64
 DDPM++, channel mults 1,2,2,2, dropout 0.05; `--ds synthetic` images of that size), cifar (32x32 DDPM++,
@@ -161,8 +163,9 @@ def main(argv=None):
     # fdm_fast's own step first: train.setup sets the process-wide settings train uses (cudnn.benchmark)
     tmp = tempfile.mkdtemp(prefix="fdm_fast_bench_")
     ds = ["--ds", "digits"] if preset == "digits" else ["--ds", "synthetic", "--resolution", str(cfg["img_resolution"])]
+    precision = "bf16" if train.bf16_native(device.type) else "fp32"  # train's --precision auto, on this device
     o = train.resolve(train.parse_args([*ds, "--precond", args.precond, "--batch", str(args.batch), "--precision",
-                                        "bf16", "--compile" if args.compile else "--no-compile", "--kimg", "1e6",
+                                        precision, "--compile" if args.compile else "--no-compile", "--kimg", "1e6",
                                         "--outdir", tmp, "--augment", "0", "--warmup-ite", "400"]))
     o.network = {k: v for k, v in cfg["network"].items() if k not in ("channel_mult", "dropout")}
     o.channel_mult, o.dropout = cfg["network"]["channel_mult"], cfg["network"]["dropout"]

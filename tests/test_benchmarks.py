@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
     "ops_bandwidth.py": ["--sizes", "b64", "--dtypes", "fp32", "--ops", "perturb", "perturb+loss", "--no-compile",
                          "--reps", "2"],
-    "train_throughput.py": ["--steps", "1", "--warmup", "1", "--no-compile"],
+    # batch 8: on a CPU without bf16 kernels (AVX2) the bf16 rows run emulated, ~10x the fp32 step's time
+    "train_throughput.py": ["--steps", "1", "--warmup", "1", "--no-compile", "--batch", "8"],
     "sampler_speed.py": ["--speed-nfe", "3", "--nfe", "5", "--nfe-samples", "20", "--reps", "1"],
     "fdm_claims.py": ["--quick"],
 }
